@@ -1,0 +1,290 @@
+// CPU adapter forward and backward.
+//
+// The positions of x are processed in cache-sized tiles: for each tile the
+// down projection, bias, activation, up projection, scale, shift and the add
+// to base all run while the tile is in L2, so x and base are read once and y is
+// written once. The two small matrix products of a tile go to the BLAS that
+// ATen uses. Weight gradients are summed per fixed chunk of tiles and the chunk
+// partials are added in chunk order, so results do not depend on the thread
+// count or on scheduling.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "selfheal/activation.h"
+#include "selfheal/checks.h"
+#include "selfheal/ops.h"
+
+namespace selfheal {
+namespace {
+
+constexpr int64_t kMaxChunks = 16;
+
+// Positions per tile: about 32K channel values, so a tile of x, of the branch
+// output and of y (fp32) stays within a 512 KiB L2.
+int64_t positions_per_tile(const AdapterShape& shape) {
+  const int64_t widest = std::max(shape.channels_in, shape.channels_out);
+  return std::clamp<int64_t>(32768 / widest, 8, 512);
+}
+
+at::Tensor as_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+}
+
+at::Tensor float_or_undefined(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->to(at::kFloat).contiguous() : at::Tensor();
+}
+
+// One tile: positions [first, first + count) of sample n (channels-first), or
+// rows [first, first + count) of the flattened [M, C] view (channels-last).
+struct Tile {
+  int64_t n;
+  int64_t first;
+  int64_t count;
+};
+
+std::vector<Tile> make_tiles(const AdapterShape& shape) {
+  const int64_t per_tile = positions_per_tile(shape);
+  std::vector<Tile> tiles;
+  if (shape.spatial == 1) {
+    for (int64_t m = 0; m < shape.n_outer; m += per_tile) {
+      tiles.push_back({0, m, std::min(per_tile, shape.n_outer - m)});
+    }
+  } else {
+    for (int64_t n = 0; n < shape.n_outer; ++n) {
+      for (int64_t s = 0; s < shape.spatial; s += per_tile) {
+        tiles.push_back({n, s, std::min(per_tile, shape.spatial - s)});
+      }
+    }
+  }
+  return tiles;
+}
+
+// The tile of a [n_outer, C, spatial] tensor as a matrix whose rows are
+// positions: [count, C] for channels-last, [C, count] for channels-first.
+at::Tensor tile_of(const at::Tensor& t3, const Tile& tile, bool channels_last) {
+  if (channels_last) return t3.select(2, 0).narrow(0, tile.first, tile.count);
+  return t3.select(0, tile.n).narrow(1, tile.first, tile.count);
+}
+
+// Writes out = base + scale * branch + shift for one tile. branch is the fp32
+// tile of the adapter branch, laid out like tile_of() gives.
+template <typename scalar_t>
+void write_output_tile(const at::Tensor& out3, const at::Tensor& base3,
+                       const at::Tensor& branch, const float* scale,
+                       const float* shift, const Tile& tile, bool channels_last,
+                       int64_t channels) {
+  const float* branch_data = branch.data_ptr<float>();
+  const int64_t spatial = out3.size(2);
+  scalar_t* out = out3.data_ptr<scalar_t>();
+  const scalar_t* base = base3.defined() ? base3.data_ptr<scalar_t>() : nullptr;
+  for (int64_t i = 0; i < tile.count; ++i) {
+    for (int64_t c = 0; c < channels; ++c) {
+      const int64_t offset =
+          channels_last
+              ? (tile.first + i) * channels + c
+              : (tile.n * channels + c) * spatial + tile.first + i;
+      const float v = channels_last ? branch_data[i * channels + c]
+                                    : branch_data[c * tile.count + i];
+      float y = scale ? v * scale[c] : v;
+      if (shift) y += shift[c];
+      if (base) y += static_cast<float>(base[offset]);
+      out[offset] = static_cast<scalar_t>(y);
+    }
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> adapter_forward_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& base,
+    const at::Tensor& down_weight, const std::optional<at::Tensor>& down_bias,
+    const at::Tensor& up_weight, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift, c10::string_view activation,
+    bool channels_first) {
+  const AdapterShape shape = check_adapter_forward(
+      x, base, down_weight, down_bias, up_weight, scale, shift, channels_first);
+  const Activation act = parse_activation(activation);
+  const bool channels_last = shape.spatial == 1;
+
+  const at::Tensor x3 =
+      x.contiguous().view({shape.n_outer, shape.channels_in, shape.spatial});
+  const at::Tensor base3 =
+      (base.has_value() ? base->contiguous() : x.contiguous())
+          .view({shape.n_outer, shape.channels_out, shape.spatial});
+  at::Tensor y = at::empty(
+      adapter_output_sizes(x, shape.channels_out, channels_first), x.options());
+  const at::Tensor y3 = y.view({shape.n_outer, shape.channels_out, shape.spatial});
+  at::Tensor hidden = at::empty({shape.positions(), shape.rank},
+                                x.options().dtype(at::kFloat));
+
+  const at::Tensor down = as_float(down_weight).contiguous();
+  const at::Tensor up = as_float(up_weight).contiguous();
+  const at::Tensor bias = float_or_undefined(down_bias);
+  const at::Tensor scale_f = float_or_undefined(scale);
+  const at::Tensor shift_f = float_or_undefined(shift);
+  const float* bias_data = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const float* scale_data = scale_f.defined() ? scale_f.data_ptr<float>() : nullptr;
+  const float* shift_data = shift_f.defined() ? shift_f.data_ptr<float>() : nullptr;
+  const int64_t rank = shape.rank;
+
+  const std::vector<Tile> tiles = make_tiles(shape);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_forward_cpu", [&] {
+        at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1,
+                         [&](int64_t begin, int64_t end) {
+          for (int64_t t = begin; t < end; ++t) {
+            const Tile& tile = tiles[t];
+            const at::Tensor x_tile = as_float(tile_of(x3, tile, channels_last));
+            // hidden rows of this tile: [count, rank]
+            at::Tensor hidden_tile = hidden.narrow(
+                0, tile.n * shape.spatial + tile.first, tile.count);
+            if (channels_last) {
+              at::mm_out(hidden_tile, x_tile, down.t());
+            } else {
+              hidden_tile.copy_(at::mm(down, x_tile).t());
+            }
+            at::Tensor activated = at::empty_like(hidden_tile);
+            float* h = hidden_tile.data_ptr<float>();
+            float* a = activated.data_ptr<float>();
+            for (int64_t i = 0; i < tile.count; ++i) {
+              for (int64_t k = 0; k < rank; ++k) {
+                float v = h[i * rank + k];
+                if (bias_data) v += bias_data[k];
+                h[i * rank + k] = v;
+                a[i * rank + k] = activate(act, v);
+              }
+            }
+            const at::Tensor branch = channels_last
+                                          ? at::mm(activated, up.t())
+                                          : at::mm(up, activated.t());
+            write_output_tile<scalar_t>(y3, base3, branch.contiguous(),
+                                        scale_data, shift_data, tile,
+                                        channels_last, shape.channels_out);
+          }
+        });
+      });
+  return {y, hidden};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+adapter_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                     const at::Tensor& hidden, const at::Tensor& down_weight,
+                     const at::Tensor& up_weight,
+                     const std::optional<at::Tensor>& scale,
+                     c10::string_view activation, bool channels_first,
+                     bool base_is_x, bool compute_grad_x) {
+  const AdapterShape shape =
+      check_adapter_backward(grad_y, x, hidden, down_weight, up_weight, scale,
+                             channels_first, base_is_x);
+  const Activation act = parse_activation(activation);
+  const bool channels_last = shape.spatial == 1;
+  const int64_t rank = shape.rank;
+  const int64_t c_in = shape.channels_in;
+  const int64_t c_out = shape.channels_out;
+
+  const at::Tensor x3 = x.contiguous().view({shape.n_outer, c_in, shape.spatial});
+  const at::Tensor g3 = grad_y.contiguous().view({shape.n_outer, c_out, shape.spatial});
+  const at::Tensor hidden_c = hidden.contiguous();
+  const at::Tensor down = as_float(down_weight).contiguous();
+  const at::Tensor up = as_float(up_weight).contiguous();
+  // d(loss)/d(activated) = grad_y @ (scale * up): fold the scale in once.
+  const at::Tensor scaled_up =
+      scale.has_value() ? up * as_float(*scale).unsqueeze(1) : up;
+
+  at::Tensor grad_x = compute_grad_x ? at::empty_like(x, at::MemoryFormat::Contiguous)
+                                     : at::empty({0}, x.options());
+  const at::Tensor grad_x3 =
+      compute_grad_x ? grad_x.view({shape.n_outer, c_in, shape.spatial}) : grad_x;
+
+  const std::vector<Tile> tiles = make_tiles(shape);
+  const int64_t num_tiles = static_cast<int64_t>(tiles.size());
+  const int64_t num_chunks = std::max<int64_t>(1, std::min(kMaxChunks, num_tiles));
+  const auto f32 = x.options().dtype(at::kFloat);
+  // Per-chunk partial sums: G = grad_y^T act(hidden), grad of down, of the
+  // down bias and of the shift.
+  at::Tensor part_g = at::zeros({num_chunks, c_out, rank}, f32);
+  at::Tensor part_down = at::zeros({num_chunks, rank, c_in}, f32);
+  at::Tensor part_bias = at::zeros({num_chunks, rank}, f32);
+  at::Tensor part_shift = at::zeros({num_chunks, c_out}, f32);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_backward_cpu", [&] {
+        at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+          for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+            at::Tensor chunk_g = part_g[chunk];
+            at::Tensor chunk_down = part_down[chunk];
+            at::Tensor chunk_bias = part_bias[chunk];
+            at::Tensor chunk_shift = part_shift[chunk];
+            const int64_t first_tile = chunk * num_tiles / num_chunks;
+            const int64_t last_tile = (chunk + 1) * num_tiles / num_chunks;
+            for (int64_t t = first_tile; t < last_tile; ++t) {
+              const Tile& tile = tiles[t];
+              const at::Tensor x_tile = as_float(tile_of(x3, tile, channels_last));
+              const at::Tensor g_tile = as_float(tile_of(g3, tile, channels_last));
+              const at::Tensor h_tile = hidden_c.narrow(
+                  0, tile.n * shape.spatial + tile.first, tile.count);
+              // activated and its derivative, [count, rank]
+              at::Tensor activated = at::empty_like(h_tile);
+              at::Tensor slope = at::empty_like(h_tile);
+              const float* h = h_tile.data_ptr<float>();
+              float* a = activated.data_ptr<float>();
+              float* d = slope.data_ptr<float>();
+              for (int64_t i = 0; i < tile.count * rank; ++i) {
+                a[i] = activate(act, h[i]);
+                d[i] = activate_grad(act, h[i]);
+              }
+              // grad of the pre-activation, [count, rank]
+              at::Tensor grad_h = channels_last ? at::mm(g_tile, scaled_up)
+                                                : at::mm(g_tile.t(), scaled_up);
+              grad_h.mul_(slope);
+              if (channels_last) {
+                chunk_g.addmm_(g_tile.t(), activated);
+                chunk_down.addmm_(grad_h.t(), x_tile);
+                chunk_shift.add_(g_tile.sum(0));
+              } else {
+                chunk_g.addmm_(g_tile, activated);
+                chunk_down.addmm_(grad_h.t(), x_tile.t());
+                chunk_shift.add_(g_tile.sum(1));
+              }
+              chunk_bias.add_(grad_h.sum(0));
+              if (compute_grad_x) {
+                at::Tensor gx = channels_last ? at::mm(grad_h, down)
+                                              : at::mm(down.t(), grad_h.t());
+                if (base_is_x) gx.add_(g_tile);
+                tile_of(grad_x3, tile, channels_last).copy_(gx);
+              }
+            }
+          }
+        });
+      });
+
+  // Chunk partials summed in chunk order: deterministic.
+  at::Tensor g_total = part_g[0].clone();
+  at::Tensor down_total = part_down[0].clone();
+  at::Tensor bias_total = part_bias[0].clone();
+  at::Tensor shift_total = part_shift[0].clone();
+  for (int64_t chunk = 1; chunk < num_chunks; ++chunk) {
+    g_total.add_(part_g[chunk]);
+    down_total.add_(part_down[chunk]);
+    bias_total.add_(part_bias[chunk]);
+    shift_total.add_(part_shift[chunk]);
+  }
+  const auto wdtype = down_weight.scalar_type();
+  at::Tensor grad_up = scale.has_value() ? g_total * as_float(*scale).unsqueeze(1)
+                                         : g_total;
+  at::Tensor grad_scale = scale.has_value()
+                              ? (g_total * up).sum(1).to(wdtype)
+                              : at::empty({0}, x.options());
+  return {grad_x,
+          down_total.to(wdtype),
+          bias_total.to(wdtype),
+          grad_up.to(wdtype),
+          grad_scale,
+          shift_total.to(wdtype)};
+}
+
+}  // namespace selfheal

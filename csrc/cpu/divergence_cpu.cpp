@@ -1,0 +1,81 @@
+// CPU KL and Jensen-Shannon divergences between count tables, per row, in
+// float64 with pseudo-count smoothing.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+#include "selfheal/checks.h"
+#include "selfheal/ops.h"
+
+namespace selfheal {
+namespace {
+
+enum class Divergence { kKL, kJS };
+
+template <typename count_t>
+double row_divergence(const count_t* p, const count_t* q, int64_t bins,
+                      double pseudo_count, Divergence kind) {
+  double p_total = 0.0;
+  double q_total = 0.0;
+  for (int64_t b = 0; b < bins; ++b) {
+    const double pv = static_cast<double>(p[b]);
+    const double qv = static_cast<double>(q[b]);
+    TORCH_CHECK(std::isfinite(pv) && pv >= 0.0 && std::isfinite(qv) && qv >= 0.0,
+                "selfheal: arguments 'p_counts' and 'q_counts' must hold finite, "
+                "non-negative counts, got ", pv, " and ", qv, " in bin ", b);
+    p_total += pv + pseudo_count;
+    q_total += qv + pseudo_count;
+  }
+  if (p_total <= 0.0 || q_total <= 0.0) return 0.0;  // nothing to compare
+  double total = 0.0;
+  for (int64_t b = 0; b < bins; ++b) {
+    const double pp = (static_cast<double>(p[b]) + pseudo_count) / p_total;
+    const double qq = (static_cast<double>(q[b]) + pseudo_count) / q_total;
+    if (kind == Divergence::kKL) {
+      total += pp * (std::log(pp) - std::log(qq));
+    } else {
+      const double mm = 0.5 * (pp + qq);
+      if (pp > 0.0) total += 0.5 * pp * (std::log(pp) - std::log(mm));
+      if (qq > 0.0) total += 0.5 * qq * (std::log(qq) - std::log(mm));
+    }
+  }
+  return kind == Divergence::kJS ? std::max(total, 0.0) : total;
+}
+
+at::Tensor divergence_cpu(const at::Tensor& p_counts, const at::Tensor& q_counts,
+                          double pseudo_count, Divergence kind) {
+  check_divergence(p_counts, q_counts, pseudo_count, kind == Divergence::kJS);
+  const at::Tensor p = p_counts.contiguous();
+  const at::Tensor q = q_counts.contiguous();
+  const int64_t features = p.size(0);
+  const int64_t bins = p.size(1);
+  at::Tensor out = at::empty({features}, p.options().dtype(at::kFloat));
+  float* out_data = out.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kLong, p.scalar_type(), "divergence_cpu", [&] {
+    const scalar_t* p_data = p.data_ptr<scalar_t>();
+    const scalar_t* q_data = q.data_ptr<scalar_t>();
+    at::parallel_for(0, features, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t f = begin; f < end; ++f) {
+        out_data[f] = static_cast<float>(row_divergence(
+            p_data + f * bins, q_data + f * bins, bins, pseudo_count, kind));
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+at::Tensor kl_divergence_cpu(const at::Tensor& p_counts,
+                             const at::Tensor& q_counts, double pseudo_count) {
+  return divergence_cpu(p_counts, q_counts, pseudo_count, Divergence::kKL);
+}
+
+at::Tensor js_divergence_cpu(const at::Tensor& p_counts,
+                             const at::Tensor& q_counts, double pseudo_count) {
+  return divergence_cpu(p_counts, q_counts, pseudo_count, Divergence::kJS);
+}
+
+}  // namespace selfheal

@@ -1,0 +1,51 @@
+// Adapter activations and their derivatives, shared by the CPU and CUDA
+// kernels so both compute the same function.
+#pragma once
+
+#include <cmath>
+
+#include "selfheal/checks.h"
+
+#if defined(__CUDACC__)
+#define SELFHEAL_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define SELFHEAL_HOST_DEVICE inline
+#endif
+
+namespace selfheal {
+
+// Exact (erf) GELU, as torch.nn.functional.gelu computes by default.
+SELFHEAL_HOST_DEVICE float activate(Activation act, float h) {
+  switch (act) {
+    case Activation::kRelu:
+      return h > 0.f ? h : 0.f;
+    case Activation::kGelu:
+      return 0.5f * h * (1.f + erff(h * 0.70710678118654752f));
+    case Activation::kSilu:
+      return h / (1.f + expf(-h));
+    case Activation::kIdentity:
+    default:
+      return h;
+  }
+}
+
+SELFHEAL_HOST_DEVICE float activate_grad(Activation act, float h) {
+  switch (act) {
+    case Activation::kRelu:
+      return h > 0.f ? 1.f : 0.f;
+    case Activation::kGelu: {
+      const float cdf = 0.5f * (1.f + erff(h * 0.70710678118654752f));
+      const float pdf = 0.39894228040143268f * expf(-0.5f * h * h);
+      return cdf + h * pdf;
+    }
+    case Activation::kSilu: {
+      const float sig = 1.f / (1.f + expf(-h));
+      return sig * (1.f + h * (1.f - sig));
+    }
+    case Activation::kIdentity:
+    default:
+      return 1.f;
+  }
+}
+
+}  // namespace selfheal

@@ -1,0 +1,64 @@
+// Argument checks shared by the CPU and CUDA kernels. Every message names the
+// argument, what was expected and what was given.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#define SELFHEAL_CHECK_ARG(cond, name, expected, actual)                 \
+  TORCH_CHECK((cond), "selfheal: argument '", name, "' must be ",       \
+              expected, ", got ", actual)
+
+namespace selfheal {
+
+enum class Activation { kIdentity = 0, kRelu = 1, kGelu = 2, kSilu = 3 };
+
+// Parses "identity" / "relu" / "gelu" / "silu"; raises on anything else.
+Activation parse_activation(c10::string_view name);
+
+// Geometry of an adapter call: x viewed as [n_outer, channels_in, spatial]
+// (channels-last has spatial == 1), rank r, channels_out.
+struct AdapterShape {
+  int64_t n_outer;
+  int64_t channels_in;
+  int64_t channels_out;
+  int64_t spatial;
+  int64_t rank;
+  int64_t positions() const { return n_outer * spatial; }
+};
+
+// Checks the forward arguments (dtypes, devices, shapes) and returns the
+// geometry. base, when given, must have y's shape.
+AdapterShape check_adapter_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& base,
+    const at::Tensor& down_weight, const std::optional<at::Tensor>& down_bias,
+    const at::Tensor& up_weight, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift, bool channels_first);
+
+AdapterShape check_adapter_backward(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& hidden,
+    const at::Tensor& down_weight, const at::Tensor& up_weight,
+    const std::optional<at::Tensor>& scale, bool channels_first,
+    bool base_is_x);
+
+// Shape of y for an input of x's shape and channels_out output channels.
+std::vector<int64_t> adapter_output_sizes(const at::Tensor& x,
+                                          int64_t channels_out,
+                                          bool channels_first);
+
+void check_softmax_entropy(const at::Tensor& logits);
+void check_softmax_entropy_backward(const at::Tensor& grad_entropy,
+                                    const at::Tensor& grad_max_prob,
+                                    const at::Tensor& logits,
+                                    const at::Tensor& entropy,
+                                    const at::Tensor& logsumexp);
+
+void check_histogram_update(const at::Tensor& counts,
+                            const at::Tensor& nonfinite, const at::Tensor& x,
+                            const at::Tensor& lo, const at::Tensor& hi);
+
+void check_divergence(const at::Tensor& p_counts, const at::Tensor& q_counts,
+                      double pseudo_count, bool pseudo_count_may_be_zero);
+
+}  // namespace selfheal

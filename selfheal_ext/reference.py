@@ -1,0 +1,154 @@
+"""Pure-PyTorch definitions of every selfheal op.
+
+These functions are the oracle the tests compare the fused kernels against, the
+eager baseline the benchmarks time, and the fallback ``selfheal_ext.ops`` uses
+when the compiled extension has no kernel for a device. They compute in the
+dtype they are given (like eager PyTorch code would), except where an op's
+contract fixes float32 or float64 arithmetic (statistics, divergences).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("identity", "relu", "gelu", "silu")
+
+
+def activation_fn(name: str):
+    """The elementwise activation for an adapter, by name."""
+    if name == "identity":
+        return lambda h: h
+    if name == "relu":
+        return F.relu
+    if name == "gelu":
+        return F.gelu  # exact (erf) GELU, as the kernels compute it
+    if name == "silu":
+        return F.silu
+    raise ValueError(
+        f"selfheal: argument 'activation' must be one of {ACTIVATIONS}, got {name!r}"
+    )
+
+
+def adapter(
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    up_weight: torch.Tensor,
+    down_bias: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    base: Optional[torch.Tensor] = None,
+    activation: str = "gelu",
+    channels_first: bool = False,
+) -> torch.Tensor:
+    """``y = base + scale * up(act(down(x) + down_bias)) + shift``.
+
+    ``x`` is ``[..., C_in]`` (channels-last) or ``[N, C_in, *spatial]``
+    (channels-first); ``down_weight`` is ``[r, C_in]``, ``up_weight`` is
+    ``[C_out, r]``, ``scale`` and ``shift`` are per output channel. ``base``
+    defaults to ``x`` (a bottleneck adapter, which needs ``C_out == C_in``).
+    """
+    act = activation_fn(activation)
+    xc = x.movedim(1, -1) if channels_first else x
+    hidden = xc @ down_weight.t()
+    if down_bias is not None:
+        hidden = hidden + down_bias
+    branch = act(hidden) @ up_weight.t()
+    if scale is not None:
+        branch = branch * scale
+    if shift is not None:
+        branch = branch + shift
+    if channels_first:
+        branch = branch.movedim(-1, 1)
+    return (x if base is None else base) + branch
+
+
+def softmax_entropy(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-row entropy (nats) and maximum probability of ``softmax(logits)``.
+
+    ``logits`` is ``[N, C]``; both results are float32 ``[N]``. Computed in
+    float32 whatever the input dtype (or float64 for float64 input).
+    """
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    log_p = torch.log_softmax(z, dim=-1)
+    p = log_p.exp()
+    entropy = -torch.special.xlogy(p, p).sum(dim=-1)
+    max_prob = p.amax(dim=-1)
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return entropy.to(out_dtype), max_prob.to(out_dtype)
+
+
+def histogram_bin_index(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int):
+    """Column of ``counts`` each value of ``x [N, F]`` falls in.
+
+    Column 0 is the underflow bin (``x < lo``), ``bins + 1`` the overflow bin
+    (``x >= hi``); regular bin ``k`` (column ``k + 1``) holds
+    ``lo + k*w <= x < lo + (k+1)*w`` with ``w = (hi - lo) / bins``. The position
+    is computed in float64 as ``floor((x - lo) * bins / (hi - lo))``, which is
+    exact for values on the edges. Non-finite values get index -1.
+    """
+    xd = x.double()
+    lod = lo.double()
+    hid = hi.double()
+    q = torch.floor((xd - lod) * bins / (hid - lod))
+    q = torch.nan_to_num(q, nan=0.0).clamp(0, bins - 1)
+    index = torch.where(xd < lod, 0, torch.where(xd >= hid, bins + 1, q.long() + 1))
+    return torch.where(torch.isfinite(xd), index, -1)
+
+
+def histogram_update_(
+    counts: torch.Tensor,
+    nonfinite: torch.Tensor,
+    x: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+) -> None:
+    """Adds the values of ``x [N, F]`` to ``counts [F, bins + 2]`` in place.
+
+    NaN and ±Inf are counted in ``nonfinite [F]`` and never binned.
+    """
+    features, width = counts.shape
+    bins = width - 2
+    index = histogram_bin_index(x, lo, hi, bins)
+    finite = index >= 0
+    feature = torch.arange(features, device=x.device).expand_as(index)
+    flat = (feature * width + index)[finite]
+    counts.add_(torch.bincount(flat, minlength=features * width).view(features, width))
+    nonfinite.add_((~finite).sum(dim=0))
+
+
+def _smoothed(counts: torch.Tensor, pseudo_count: float) -> torch.Tensor:
+    smoothed = counts.double() + pseudo_count
+    total = smoothed.sum(dim=1, keepdim=True)
+    return smoothed / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def kl_divergence(p_counts: torch.Tensor, q_counts: torch.Tensor, pseudo_count: float = 0.5):
+    """Per-row ``KL(P || Q)`` in nats between count tables ``[F, bins]``.
+
+    Each row becomes a distribution after adding ``pseudo_count`` (> 0) to every
+    bin, so the result is always finite. Float32 result ``[F]``.
+    """
+    p = _smoothed(p_counts, pseudo_count)
+    q = _smoothed(q_counts, pseudo_count)
+    kl = torch.where(p > 0, p * (torch.log(p) - torch.log(q)), torch.zeros_like(p))
+    empty = (p.sum(dim=1) == 0) | (q.sum(dim=1) == 0)
+    return torch.where(empty, 0.0, kl.sum(dim=1)).float()
+
+
+def js_divergence(p_counts: torch.Tensor, q_counts: torch.Tensor, pseudo_count: float = 0.5):
+    """Per-row Jensen-Shannon divergence in nats (at most ln 2), ``pseudo_count >= 0``.
+
+    A row with no mass at all (no counts and no pseudo-count) gives 0.
+    """
+    p = _smoothed(p_counts, pseudo_count)
+    q = _smoothed(q_counts, pseudo_count)
+    m = 0.5 * (p + q)
+    log_m = torch.log(torch.where(m > 0, m, torch.ones_like(m)))
+    kl_pm = torch.special.xlogy(p, p) - p * log_m
+    kl_qm = torch.special.xlogy(q, q) - q * log_m
+    js = 0.5 * (kl_pm.sum(dim=1) + kl_qm.sum(dim=1))
+    empty = (p.sum(dim=1) == 0) | (q.sum(dim=1) == 0)
+    return torch.where(empty, 0.0, js.clamp_min(0.0)).float()
