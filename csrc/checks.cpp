@@ -17,10 +17,15 @@ bool is_supported_float(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16;
 }
 
-void check_float_input(const at::Tensor& t, const char* name) {
+void check_float_input(const at::Tensor& t, const char* name,
+                       bool allow_float64 = false) {
   SELFHEAL_CHECK_ARG(t.defined(), name, "a defined tensor", "undefined");
-  SELFHEAL_CHECK_ARG(is_supported_float(t.scalar_type()), name,
-                     "float32, float16 or bfloat16", describe(t));
+  const bool ok = is_supported_float(t.scalar_type()) ||
+                  (allow_float64 && t.scalar_type() == at::kDouble);
+  SELFHEAL_CHECK_ARG(ok, name,
+                     allow_float64 ? "float32, float16, bfloat16 or float64"
+                                   : "float32, float16 or bfloat16",
+                     describe(t));
 }
 
 void check_same_device(const at::Tensor& t, const char* name,
@@ -75,8 +80,9 @@ AdapterShape check_adapter_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& base,
     const at::Tensor& down_weight, const std::optional<at::Tensor>& down_bias,
     const at::Tensor& up_weight, const std::optional<at::Tensor>& scale,
-    const std::optional<at::Tensor>& shift, bool channels_first) {
-  check_float_input(x, "x");
+    const std::optional<at::Tensor>& shift, bool channels_first,
+    bool allow_float64) {
+  check_float_input(x, "x", allow_float64);
   SELFHEAL_CHECK_ARG(x.dim() >= (channels_first ? 2 : 1), "x",
                      channels_first ? "at least 2-D [N, C, *spatial]"
                                     : "at least 1-D [..., C]",
@@ -143,7 +149,7 @@ AdapterShape check_adapter_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& hidden,
     const at::Tensor& down_weight, const at::Tensor& up_weight,
     const std::optional<at::Tensor>& scale, bool channels_first,
-    bool base_is_x) {
+    bool base_is_x, bool allow_float64) {
   const std::optional<at::Tensor> no_tensor;
   const std::optional<at::Tensor> base =
       base_is_x ? no_tensor : std::optional<at::Tensor>(grad_y);
@@ -151,17 +157,19 @@ AdapterShape check_adapter_backward(
   check_same_dtype(grad_y, "grad_y", x, "x");
   AdapterShape shape = check_adapter_forward(
       x, base, down_weight, no_tensor, up_weight, scale, no_tensor,
-      channels_first);
+      channels_first, allow_float64);
   const auto y_sizes = adapter_output_sizes(x, shape.channels_out, channels_first);
   std::ostringstream y_expected;
   y_expected << "of the output's shape " << c10::IntArrayRef(y_sizes);
   SELFHEAL_CHECK_ARG(grad_y.sizes() == c10::IntArrayRef(y_sizes), "grad_y",
                      y_expected.str(), describe(grad_y));
   check_same_device(hidden, "hidden", x, "x");
+  const at::ScalarType hidden_dtype =
+      x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   std::ostringstream hidden_expected;
-  hidden_expected << "a float32 tensor of shape [" << shape.positions() << ", "
-                  << shape.rank << "]";
-  SELFHEAL_CHECK_ARG(hidden.scalar_type() == at::kFloat && hidden.dim() == 2 &&
+  hidden_expected << "a " << hidden_dtype << " tensor of shape ["
+                  << shape.positions() << ", " << shape.rank << "]";
+  SELFHEAL_CHECK_ARG(hidden.scalar_type() == hidden_dtype && hidden.dim() == 2 &&
                          hidden.size(0) == shape.positions() &&
                          hidden.size(1) == shape.rank,
                      "hidden", hidden_expected.str(), describe(hidden));

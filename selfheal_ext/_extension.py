@@ -9,7 +9,6 @@ reference.
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import torch
@@ -51,15 +50,24 @@ BUILD_CONFIG = _load()
 LOADED = BUILD_CONFIG is not None
 
 
-@functools.lru_cache(maxsize=None)
+def _compiled_kernels() -> frozenset:
+    if not LOADED:
+        return frozenset()
+    return frozenset(
+        (name, device)
+        for name in OP_NAMES
+        for device, dispatch_key in (("cpu", "CPU"), ("cuda", "CUDA"))
+        if torch._C._dispatch_has_kernel_for_dispatch_key(f"selfheal::{name}", dispatch_key)
+    )
+
+
+# Computed once at import: a set lookup is also what torch.compile can trace.
+COMPILED_KERNELS = _compiled_kernels()
+
+
 def has_kernel(op_name: str, device_type: str) -> bool:
     """Whether the loaded extension has a kernel of op_name for device_type."""
-    if not LOADED:
-        return False
-    dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if dispatch_key is None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"selfheal::{op_name}", dispatch_key)
+    return (op_name, device_type) in COMPILED_KERNELS
 
 
 def build_info() -> dict:

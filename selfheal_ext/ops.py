@@ -51,8 +51,9 @@ def adapter(
             branch.
         activation: ``"identity"``, ``"relu"``, ``"gelu"`` (exact) or ``"silu"``.
 
-    All floating tensors share x's dtype (float32, float16 or bfloat16);
-    arithmetic is float32. Differentiable in every tensor argument.
+    All floating tensors share x's dtype (float32, float16 or bfloat16, and
+    float64 on the CPU); arithmetic is float32 (float64 for float64).
+    Differentiable in every tensor argument.
 
     >>> import torch, selfheal_ext as sh
     >>> x = torch.randn(8, 64)
@@ -159,8 +160,9 @@ def _register_fakes() -> None:
     @torch.library.register_fake("selfheal::adapter_forward")
     def _(x, base, down_weight, down_bias, up_weight, scale, shift, activation, channels_first):
         y = x.new_empty(_adapter_output_shape(x, up_weight.shape[0], channels_first))
+        hidden_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         hidden = x.new_empty(
-            (_adapter_positions(x, channels_first), down_weight.shape[0]), dtype=torch.float32
+            (_adapter_positions(x, channels_first), down_weight.shape[0]), dtype=hidden_dtype
         )
         return y, hidden
 

@@ -38,9 +38,22 @@ struct RowState {
 // Adds one block of fp32 values to the running state of a row.
 SELFHEAL_VECTOR_CLONES
 void accumulate_block(RowState& state, const float* z, int64_t count) {
-  float block_max = -std::numeric_limits<float>::infinity();
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  Float8 max_lanes = Float8{} + neg_inf;
+  Int8 nan_lanes = {};
+  int64_t j = 0;
+  for (; j + 8 <= count; j += 8) {
+    const Float8 v = load8(z + j);
+    max_lanes = max8(max_lanes, v);
+    nan_lanes |= (v != v);
+  }
+  float block_max = neg_inf;
   bool saw_nan = false;
-  for (int64_t j = 0; j < count; ++j) {
+  for (int lane = 0; lane < 8; ++lane) {
+    block_max = std::max(block_max, max_lanes[lane]);
+    saw_nan |= nan_lanes[lane] != 0;
+  }
+  for (; j < count; ++j) {
     block_max = std::max(block_max, z[j]);
     saw_nan |= z[j] != z[j];
   }
@@ -54,12 +67,21 @@ void accumulate_block(RowState& state, const float* z, int64_t count) {
     }
     state.max = block_max;
   }
-  if (state.max == -std::numeric_limits<float>::infinity()) return;
+  if (state.max == neg_inf) return;
   const float m = state.max;
-  float sum = 0.f;
-  float weighted = 0.f;
-#pragma omp simd reduction(+ : sum, weighted)
-  for (int64_t j = 0; j < count; ++j) {
+  const Float8 floor8 = Float8{} + kExpFloor;
+  Float8 sum_lanes = {};
+  Float8 weighted_lanes = {};
+  j = 0;
+  for (; j + 8 <= count; j += 8) {
+    const Float8 d = max8(load8(z + j) - m, floor8);
+    const Float8 e = exp_nonpositive(d);
+    sum_lanes += e;
+    weighted_lanes += e * d;
+  }
+  float sum = sum8(sum_lanes);
+  float weighted = sum8(weighted_lanes);
+  for (; j < count; ++j) {
     const float d = std::max(z[j] - m, kExpFloor);
     const float e = exp_nonpositive(d);
     sum += e;
@@ -76,13 +98,20 @@ void entropy_grad_row(float* out, const float* z, int64_t count, float lse,
                       float entropy, float grad_entropy, float grad_max_prob,
                       int64_t argmax) {
   const float p_max = std::exp(z[argmax] - lse);
-#pragma omp simd
-  for (int64_t j = 0; j < count; ++j) {
+  const float max_term = grad_max_prob * p_max;
+  const Float8 floor8 = Float8{} + kExpFloor;
+  int64_t j = 0;
+  for (; j + 8 <= count; j += 8) {
+    const Float8 d = max8(load8(z + j) - lse, floor8);
+    const Float8 p = exp_nonpositive(d);
+    store8(out + j, -grad_entropy * p * (d + entropy) - max_term * p);
+  }
+  for (; j < count; ++j) {
     const float d = std::max(z[j] - lse, kExpFloor);
     const float p = exp_nonpositive(d);
-    out[j] = -grad_entropy * p * (d + entropy) - grad_max_prob * p_max * p;
+    out[j] = -grad_entropy * p * (d + entropy) - max_term * p;
   }
-  out[argmax] += grad_max_prob * p_max;
+  out[argmax] += max_term;
 }
 
 template <typename scalar_t>

@@ -14,7 +14,8 @@
 
 namespace selfheal {
 
-// Exact (erf) GELU, as torch.nn.functional.gelu computes by default.
+// Exact (erf) GELU, as torch.nn.functional.gelu computes by default. The
+// float64 overloads serve float64 inputs on the CPU (gradcheck).
 SELFHEAL_HOST_DEVICE float activate(Activation act, float h) {
   switch (act) {
     case Activation::kRelu:
@@ -45,6 +46,39 @@ SELFHEAL_HOST_DEVICE float activate_grad(Activation act, float h) {
     case Activation::kIdentity:
     default:
       return 1.f;
+  }
+}
+
+SELFHEAL_HOST_DEVICE double activate(Activation act, double h) {
+  switch (act) {
+    case Activation::kRelu:
+      return h > 0.0 ? h : 0.0;
+    case Activation::kGelu:
+      return 0.5 * h * (1.0 + erf(h * 0.70710678118654752));
+    case Activation::kSilu:
+      return h / (1.0 + exp(-h));
+    case Activation::kIdentity:
+    default:
+      return h;
+  }
+}
+
+SELFHEAL_HOST_DEVICE double activate_grad(Activation act, double h) {
+  switch (act) {
+    case Activation::kRelu:
+      return h > 0.0 ? 1.0 : 0.0;
+    case Activation::kGelu: {
+      const double cdf = 0.5 * (1.0 + erf(h * 0.70710678118654752));
+      const double pdf = 0.39894228040143268 * exp(-0.5 * h * h);
+      return cdf + h * pdf;
+    }
+    case Activation::kSilu: {
+      const double sig = 1.0 / (1.0 + exp(-h));
+      return sig * (1.0 + h * (1.0 - sig));
+    }
+    case Activation::kIdentity:
+    default:
+      return 1.0;
   }
 }
 

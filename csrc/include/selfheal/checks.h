@@ -29,18 +29,21 @@ struct AdapterShape {
 };
 
 // Checks the forward arguments (dtypes, devices, shapes) and returns the
-// geometry. base, when given, must have y's shape.
+// geometry. base, when given, must have y's shape. float64 inputs are accepted
+// only where the backend computes in float64 (allow_float64).
 AdapterShape check_adapter_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& base,
     const at::Tensor& down_weight, const std::optional<at::Tensor>& down_bias,
     const at::Tensor& up_weight, const std::optional<at::Tensor>& scale,
-    const std::optional<at::Tensor>& shift, bool channels_first);
+    const std::optional<at::Tensor>& shift, bool channels_first,
+    bool allow_float64 = false);
 
+// hidden is float32, or float64 for float64 x.
 AdapterShape check_adapter_backward(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& hidden,
     const at::Tensor& down_weight, const at::Tensor& up_weight,
     const std::optional<at::Tensor>& scale, bool channels_first,
-    bool base_is_x);
+    bool base_is_x, bool allow_float64 = false);
 
 // Shape of y for an input of x's shape and channels_out output channels.
 std::vector<int64_t> adapter_output_sizes(const at::Tensor& x,

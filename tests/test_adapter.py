@@ -1,0 +1,230 @@
+import pytest
+import torch
+
+from selfheal_ext import ops, reference
+from conftest import DEVICES, DTYPES, HAS_CUDA, assert_no_worse_than_eager
+
+ACTIVATIONS = ["identity", "relu", "gelu", "silu"]
+
+# (x shape, channels_first, rank)
+SHAPES = [
+    ((1, 8), False, 1),           # batch of one, rank 1
+    ((4, 47, 31), False, 5),      # odd sizes, 3-D channels-last
+    ((3, 1), False, 1),           # one channel
+    ((2, 3, 64), False, 256),     # largest rank
+    ((1, 8, 5), True, 3),         # channels-first 1-D spatial, batch of one
+    ((2, 31, 7, 5), True, 4),     # channels-first conv map with odd sizes
+    ((3, 1, 4, 4), True, 1),      # channels-first, one channel
+]
+
+
+def make_args(x_shape, channels_first, rank, dtype, device, *, c_out=None, full=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    c_in = x_shape[1] if channels_first else x_shape[-1]
+    c_out = c_in if c_out is None else c_out
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    x = rand(*x_shape)
+    args = dict(
+        down_weight=rand(rank, c_in, scale=c_in ** -0.5),
+        up_weight=rand(c_out, rank, scale=rank ** -0.5),
+        down_bias=rand(rank, scale=0.1) if full else None,
+        scale=rand(c_out) if full else None,
+        shift=rand(c_out, scale=0.1) if full else None,
+    )
+    if c_out != c_in:
+        y_shape = list(x_shape)
+        y_shape[1 if channels_first else -1] = c_out
+        args["base"] = rand(*y_shape)
+    return x, args
+
+
+def run_with_grads(fn, x, args, grad_seed=1, **kwargs):
+    x = x.detach().clone().requires_grad_()
+    leaves = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in args.items()}
+    y = fn(x, **leaves, **kwargs)
+    gen = torch.Generator().manual_seed(grad_seed)
+    g = torch.randn(y.shape, generator=gen).to(device=y.device, dtype=y.dtype)
+    names = ["x"] + [k for k, v in leaves.items() if v is not None]
+    inputs = [x] + [v for v in leaves.values() if v is not None]
+    grads = torch.autograd.grad(y, inputs, g)
+    return y, dict(zip(names, grads))
+
+
+def to_double(x, args):
+    return x.double().cpu(), {k: (v.double().cpu() if v is not None else None) for k, v in args.items()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("x_shape,channels_first,rank", SHAPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_adapter_matches_reference(device, dtype, x_shape, channels_first, rank, activation):
+    x, args = make_args(x_shape, channels_first, rank, dtype, device)
+    kw = dict(activation=activation, channels_first=channels_first)
+    y, grads = run_with_grads(ops.adapter, x, args, **kw)
+    y_eager, grads_eager = run_with_grads(reference.adapter, x, args, **kw)
+    xd, argsd = to_double(x, args)
+    y_oracle, grads_oracle = run_with_grads(reference.adapter, xd, argsd, **kw)
+    assert y.dtype == dtype and y.shape == y_eager.shape
+    assert_no_worse_than_eager(y, y_eager, y_oracle, dtype, "y")
+    for name in grads_oracle:
+        assert grads[name].dtype == dtype
+        assert_no_worse_than_eager(grads[name], grads_eager[name], grads_oracle[name], dtype, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_first", [False, True], ids=["channels_last", "channels_first"])
+@pytest.mark.parametrize("full", [False, True], ids=["plain", "bias_scale_shift"])
+def test_adapter_lora_side_branch(device, channels_first, full):
+    x_shape = (2, 12, 3, 5) if channels_first else (5, 3, 12)
+    x, args = make_args(x_shape, channels_first, 4, torch.float32, device, c_out=20, full=full)
+    kw = dict(activation="silu", channels_first=channels_first)
+    y, grads = run_with_grads(ops.adapter, x, args, **kw)
+    y_ref, grads_ref = run_with_grads(reference.adapter, *to_double(x, args), **kw)
+    torch.testing.assert_close(y.double().cpu(), y_ref, rtol=1e-5, atol=1e-5)
+    assert set(grads) == set(grads_ref)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name].double().cpu(), grads_ref[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_first", [False, True], ids=["channels_last", "channels_first"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_adapter_gradcheck_fp64(channels_first, activation):
+    x_shape = (2, 5, 3, 2) if channels_first else (3, 2, 5)
+    x, args = make_args(x_shape, channels_first, 3, torch.float64, "cpu")
+    base = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+    tensors = [x.requires_grad_()] + [args[k].requires_grad_() for k in
+                                      ("down_weight", "up_weight", "down_bias", "scale", "shift")]
+
+    def fn(x, down, up, bias, scale, shift, base):
+        return ops.adapter(x, down, up, bias, scale, shift, base, activation, channels_first)
+
+    assert torch.autograd.gradcheck(fn, (*tensors, None))
+    assert torch.autograd.gradcheck(fn, (*tensors, base))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adapter_non_contiguous_input(device):
+    big = torch.randn(6, 40, device=device)
+    x = big[:, ::2]  # [6, 20], stride 2 along channels
+    assert not x.is_contiguous()
+    _, args = make_args((6, 20), False, 4, torch.float32, device)
+    torch.testing.assert_close(ops.adapter(x, **args), reference.adapter(x, **args))
+    xcf = torch.randn(3, 5, 6, 7, device=device).transpose(2, 3)  # channels-first, strided
+    _, args = make_args((3, 5, 7, 6), True, 2, torch.float32, device)
+    torch.testing.assert_close(
+        ops.adapter(xcf, **args, channels_first=True),
+        reference.adapter(xcf, **args, channels_first=True),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adapter_dormant_is_exact_identity(device, dtype):
+    x, args = make_args((9, 33), False, 4, dtype, device)
+    args["up_weight"] = torch.zeros_like(args["up_weight"])
+    args["shift"] = torch.zeros_like(args["shift"])
+    assert torch.equal(ops.adapter(x, **args), x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_first", [False, True], ids=["channels_last", "channels_first"])
+def test_adapter_empty_batch(device, channels_first):
+    x_shape = (0, 6, 4) if channels_first else (0, 6)
+    x, args = make_args(x_shape, channels_first, 2, torch.float32, device)
+    y, grads = run_with_grads(ops.adapter, x, args, channels_first=channels_first)
+    assert y.shape == x.shape
+    for name, grad in grads.items():
+        assert grad.shape == (x.shape if name == "x" else args[name].shape)
+        assert torch.count_nonzero(grad) == 0
+
+
+def test_adapter_weight_grads_are_deterministic_across_thread_counts():
+    x, args = make_args((3000, 64), False, 8, torch.float32, "cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _, one = run_with_grads(ops.adapter, x, args)
+        torch.set_num_threads(max(2, threads))
+        _, many = run_with_grads(ops.adapter, x, args)
+        _, again = run_with_grads(ops.adapter, x, args)
+    finally:
+        torch.set_num_threads(threads)
+    for name in one:
+        assert torch.equal(one[name], many[name]), name
+        assert torch.equal(many[name], again[name]), name
+
+
+def _raw_forward(x, args, activation="gelu", channels_first=False, base=None):
+    return torch.ops.selfheal.adapter_forward(
+        x, base, args["down_weight"], args["down_bias"], args["up_weight"],
+        args["scale"], args["shift"], activation, channels_first,
+    )
+
+
+@pytest.mark.parametrize(
+    "mutate,argument",
+    [
+        (lambda x, a: a.update(down_weight=a["down_weight"][0]), "down_weight"),
+        (lambda x, a: a.update(down_weight=a["down_weight"][:, :-1]), "down_weight"),
+        (lambda x, a: a.update(down_weight=torch.zeros(257, 16)), "down_weight"),
+        (lambda x, a: a.update(up_weight=a["up_weight"].half()), "up_weight"),
+        (lambda x, a: a.update(up_weight=a["up_weight"][:, :-1]), "up_weight"),
+        (lambda x, a: a.update(down_bias=torch.zeros(7)), "down_bias"),
+        (lambda x, a: a.update(scale=torch.zeros(3)), "scale"),
+        (lambda x, a: a.update(shift=torch.zeros(16, 1)), "shift"),
+        (lambda x, a: a.update(up_weight=torch.zeros(20, 4), scale=None, shift=None), "base"),
+    ],
+)
+def test_adapter_bad_arguments_name_the_argument(mutate, argument):
+    x, args = make_args((5, 16), False, 4, torch.float32, "cpu")
+    mutate(x, args)
+    with pytest.raises(RuntimeError, match=f"'{argument}'"):
+        _raw_forward(x, args)
+
+
+def test_adapter_bad_x_and_activation():
+    x, args = make_args((5, 16), False, 4, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="'x'"):
+        _raw_forward(x.long(), args)
+    with pytest.raises(RuntimeError, match="'activation'"):
+        _raw_forward(x, args, activation="tanh")
+    with pytest.raises(RuntimeError, match="'base'"):
+        _raw_forward(x, args, base=torch.zeros(5, 15))
+    with pytest.raises(RuntimeError, match="'x'"):
+        _raw_forward(torch.zeros(16), args, channels_first=True)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_adapter_cuda_rejects_mixed_devices():
+    x, args = make_args((5, 16), False, 4, torch.float32, "cuda")
+    args["up_weight"] = args["up_weight"].cpu()
+    with pytest.raises(RuntimeError, match="'up_weight'"):
+        _raw_forward(x, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_first", [False, True], ids=["channels_last", "channels_first"])
+def test_adapter_opcheck(device, channels_first):
+    x_shape = (2, 6, 3) if channels_first else (4, 6)
+    x, args = make_args(x_shape, channels_first, 3, torch.float32, device)
+    x.requires_grad_()
+    for value in args.values():
+        if value is not None:
+            value.requires_grad_()
+    torch.library.opcheck(
+        torch.ops.selfheal.adapter_forward.default,
+        (x, None, args["down_weight"], args["down_bias"], args["up_weight"], args["scale"],
+         args["shift"], "gelu", channels_first),
+    )
+    y, hidden = torch.ops.selfheal.adapter_forward(
+        x.detach(), None, args["down_weight"].detach(), None, args["up_weight"].detach(),
+        None, None, "relu", channels_first)
+    torch.library.opcheck(
+        torch.ops.selfheal.adapter_backward.default,
+        (torch.randn_like(y), x.detach(), hidden, args["down_weight"].detach(),
+         args["up_weight"].detach(), args["scale"].detach(), "relu", channels_first, True, True),
+    )

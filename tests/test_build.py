@@ -1,0 +1,59 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import selfheal_ext as sh
+from selfheal_ext._extension import OP_NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_build_info_describes_the_compiled_extension():
+    info = sh.build_info()
+    assert info["extension_loaded"], "the compiled extension is not loaded"
+    assert info["torch_version"] == torch.__version__
+    assert info["built_with_torch"] == torch.__version__
+    assert info["torch_cuda_version"] == torch.version.cuda
+    assert info["cxx_compiler"]
+    for name in OP_NAMES:
+        assert "cpu" in info["kernels"][name], name
+    if info["cuda_compiled"]:
+        assert info["nvcc_version"] and info["cuda_arch_list"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_build_info_cuda_kernels_present_when_a_gpu_is():
+    info = sh.build_info()
+    assert info["cuda_compiled"], "a GPU is present but the CUDA kernels were not compiled"
+    for name in OP_NAMES:
+        assert "cuda" in info["kernels"][name], name
+
+
+def test_import_refuses_a_build_for_another_torch(tmp_path):
+    package = tmp_path / "selfheal_ext"
+    shutil.copytree(Path(sh.__file__).parent, package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    config = package / "_build_config.py"
+    text = config.read_text().replace(repr(torch.__version__), repr("1.0.0+other"))
+    config.write_text(text)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", "import selfheal_ext"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "compiled against torch 1.0.0+other" in result.stderr
+    assert f"torch {torch.__version__} is installed" in result.stderr
+    assert "undefined symbol" not in result.stderr
+
+
+def test_setup_without_torch_says_what_to_install():
+    # -S hides site-packages, so torch cannot be imported.
+    result = subprocess.run([sys.executable, "-S", "setup.py", "--version"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "PyTorch must be installed" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
