@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <limits>
 
 #include "selfheal/checks.h"
 #include "selfheal/ops.h"
@@ -14,31 +15,40 @@ namespace {
 
 enum class Divergence { kKL, kJS };
 
+constexpr double kInfinity = std::numeric_limits<double>::infinity();
+
 template <typename count_t>
 double row_divergence(const count_t* p, const count_t* q, int64_t bins,
                       double pseudo_count, Divergence kind) {
+  // First pass: totals and validity, branch-free so it vectorises.
   double p_total = 0.0;
   double q_total = 0.0;
+  bool valid = true;
   for (int64_t b = 0; b < bins; ++b) {
     const double pv = static_cast<double>(p[b]);
     const double qv = static_cast<double>(q[b]);
-    TORCH_CHECK(std::isfinite(pv) && pv >= 0.0 && std::isfinite(qv) && qv >= 0.0,
-                "selfheal: arguments 'p_counts' and 'q_counts' must hold finite, "
-                "non-negative counts, got ", pv, " and ", qv, " in bin ", b);
-    p_total += pv + pseudo_count;
-    q_total += qv + pseudo_count;
+    valid &= (pv >= 0.0) & (qv >= 0.0) & (pv < kInfinity) & (qv < kInfinity);
+    p_total += pv;
+    q_total += qv;
   }
+  TORCH_CHECK(valid,
+              "selfheal: arguments 'p_counts' and 'q_counts' must hold finite, "
+              "non-negative counts");
+  p_total += pseudo_count * static_cast<double>(bins);
+  q_total += pseudo_count * static_cast<double>(bins);
   if (p_total <= 0.0 || q_total <= 0.0) return 0.0;  // nothing to compare
+  const double p_norm = 1.0 / p_total;
+  const double q_norm = 1.0 / q_total;
   double total = 0.0;
   for (int64_t b = 0; b < bins; ++b) {
-    const double pp = (static_cast<double>(p[b]) + pseudo_count) / p_total;
-    const double qq = (static_cast<double>(q[b]) + pseudo_count) / q_total;
+    const double pp = (static_cast<double>(p[b]) + pseudo_count) * p_norm;
+    const double qq = (static_cast<double>(q[b]) + pseudo_count) * q_norm;
     if (kind == Divergence::kKL) {
-      total += pp * (std::log(pp) - std::log(qq));
+      total += pp * std::log(pp / qq);  // pp, qq > 0: pseudo_count > 0 for KL
     } else {
       const double mm = 0.5 * (pp + qq);
-      if (pp > 0.0) total += 0.5 * pp * (std::log(pp) - std::log(mm));
-      if (qq > 0.0) total += 0.5 * qq * (std::log(qq) - std::log(mm));
+      if (pp > 0.0) total += 0.5 * pp * std::log(pp / mm);
+      if (qq > 0.0) total += 0.5 * qq * std::log(qq / mm);
     }
   }
   return kind == Divergence::kJS ? std::max(total, 0.0) : total;
