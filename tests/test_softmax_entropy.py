@@ -69,6 +69,7 @@ def test_softmax_entropy_known_values_and_extremes(device):
             [0.0, float("-inf"), 0.0, float("-inf")],    # masked classes: ln 2, 1/2
             [1.0, float("nan"), 0.0, 0.0],               # NaN row: NaN
             [float("-inf")] * 4,                         # no finite logit: NaN
+            [0.0, float("inf"), 1.0, 2.0],               # +inf: undefined, NaN
         ],
         device=device,
     )

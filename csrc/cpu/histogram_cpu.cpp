@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "selfheal/checks.h"
+#include "selfheal/dispatch.h"
 #include "selfheal/histogram_bin.h"
 #include "selfheal/ops.h"
 
@@ -37,8 +38,8 @@ void histogram_update_cpu(at::Tensor& counts, at::Tensor& nonfinite,
   std::vector<std::vector<int64_t>> private_counts(tasks);
   std::vector<std::vector<int64_t>> private_nonfinite(tasks);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, x.scalar_type(), "histogram_update_cpu", [&] {
+  SELFHEAL_DISPATCH_FLOAT_HALF_BF16(
+      x.scalar_type(), "histogram_update_cpu", [&] {
         const scalar_t* data = x.data_ptr<scalar_t>();
         at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
           for (int64_t task = task_begin; task < task_end; ++task) {

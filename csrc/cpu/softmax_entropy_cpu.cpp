@@ -13,6 +13,7 @@
 #include <limits>
 
 #include "selfheal/checks.h"
+#include "selfheal/dispatch.h"
 #include "selfheal/fast_exp.h"
 #include "selfheal/ops.h"
 
@@ -144,8 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_entropy_cpu(
   float* entropy_data = entropy.data_ptr<float>();
   float* max_prob_data = max_prob.data_ptr<float>();
   float* lse_data = lse.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_entropy_cpu", [&] {
+  SELFHEAL_DISPATCH_FLOAT_HALF_BF16(
+      z.scalar_type(), "softmax_entropy_cpu", [&] {
         const scalar_t* data = z.data_ptr<scalar_t>();
         at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
           float buffer[kBlock];
@@ -156,8 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_entropy_cpu(
               const int64_t count = std::min(kBlock, classes - j0);
               accumulate_block(state, row_as_float(row + j0, count, buffer), count);
             }
-            if (state.saw_nan || state.sum == 0.f) {
-              // NaN logits, or a row of -inf: the softmax is undefined.
+            if (state.saw_nan || !(state.sum > 0.f) || std::isinf(state.max)) {
+              // NaN or +inf logits, or a row of -inf: the softmax is undefined.
               const float nan = std::numeric_limits<float>::quiet_NaN();
               entropy_data[i] = max_prob_data[i] = lse_data[i] = nan;
               continue;
@@ -187,8 +188,8 @@ at::Tensor softmax_entropy_backward_cpu(const at::Tensor& grad_entropy,
   const at::Tensor gm = grad_max_prob.contiguous();
   const at::Tensor h = entropy.contiguous();
   const at::Tensor l = logsumexp.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, z.scalar_type(), "softmax_entropy_backward_cpu", [&] {
+  SELFHEAL_DISPATCH_FLOAT_HALF_BF16(
+      z.scalar_type(), "softmax_entropy_backward_cpu", [&] {
         const scalar_t* data = z.data_ptr<scalar_t>();
         scalar_t* out = grad.data_ptr<scalar_t>();
         at::parallel_for(0, rows, rows_per_task(classes), [&](int64_t begin, int64_t end) {
