@@ -2,10 +2,14 @@
 //
 // The positions of x are processed in cache-sized tiles: for each tile the
 // down projection, bias, activation, up projection, scale, shift and the add
-// to base all run while the tile is in L2, so x and base are read once and y is
-// written once. The two small matrix products of a tile go to the BLAS that
-// ATen uses. Weight gradients are summed per fixed chunk of tiles and the chunk
-// partials are added in chunk order, so results do not depend on the thread
+// to base all run while the tile is in cache, so x and base are read from
+// memory once and y is written once. The small matrix products of a tile go to
+// the BLAS that ATen uses, with the scale folded into the up weight and the
+// shift into an extra rank column whose activation is 1: for float32/float64
+// the whole epilogue is then one accumulate-into-y product and no tile-sized
+// temporary is made. The same ones column gives the shift gradient for free in
+// the backward. Weight gradients are summed per fixed chunk of tiles and the
+// chunk partials added in chunk order, so results do not depend on the thread
 // count or on scheduling.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -79,36 +83,53 @@ at::Tensor tile_of(const at::Tensor& t3, const Tile& tile, bool channels_last) {
   return t3.select(0, tile.n).narrow(1, tile.first, tile.count);
 }
 
-// Writes out = base + scale * branch + shift for one tile. branch is the
-// compute-precision tile of the adapter branch, laid out like tile_of() gives;
-// the inner loops run along contiguous memory so they vectorise.
+// out = base + branch for one tile, for half-precision outputs whose branch is
+// computed in float32 first; inner loops run along contiguous memory.
 template <typename scalar_t, typename acc_t>
 void write_output_tile(const at::Tensor& out3, const at::Tensor& base3,
-                       const at::Tensor& branch, const acc_t* scale,
-                       const acc_t* shift, const Tile& tile, bool channels_last,
-                       int64_t channels) {
+                       const at::Tensor& branch, const Tile& tile,
+                       bool channels_last, int64_t channels) {
   const acc_t* branch_data = branch.data_ptr<acc_t>();
   const int64_t spatial = out3.size(2);
   scalar_t* out = out3.data_ptr<scalar_t>();
   const scalar_t* base = base3.data_ptr<scalar_t>();
-  if (channels_last) {
-    for (int64_t i = 0; i < tile.count; ++i) {
-      const int64_t row = (tile.first + i) * channels;
-      const acc_t* v = branch_data + i * channels;
-      for (int64_t c = 0; c < channels; ++c) {
-        out[row + c] = static_cast<scalar_t>(static_cast<acc_t>(base[row + c]) +
-                                             scale[c] * v[c] + shift[c]);
-      }
+  const int64_t rows = channels_last ? tile.count : channels;
+  const int64_t row_length = channels_last ? channels : tile.count;
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t first = channels_last
+                              ? (tile.first + row) * channels
+                              : (tile.n * channels + row) * spatial + tile.first;
+    const acc_t* v = branch_data + row * row_length;
+    for (int64_t i = 0; i < row_length; ++i) {
+      out[first + i] =
+          static_cast<scalar_t>(static_cast<acc_t>(base[first + i]) + v[i]);
     }
-    return;
   }
-  for (int64_t c = 0; c < channels; ++c) {
-    const int64_t first = (tile.n * channels + c) * spatial + tile.first;
-    const acc_t* v = branch_data + c * tile.count;
-    for (int64_t i = 0; i < tile.count; ++i) {
-      out[first + i] = static_cast<scalar_t>(static_cast<acc_t>(base[first + i]) +
-                                             scale[c] * v[i] + shift[c]);
-    }
+}
+
+// [rows, rank + 1]: activate(hidden) and a last column of ones (the shift's
+// "activation").
+template <typename acc_t>
+at::Tensor activated_with_ones(const at::Tensor& hidden_tile, Activation act) {
+  const int64_t rows = hidden_tile.size(0);
+  const int64_t rank = hidden_tile.size(1);
+  at::Tensor out = at::empty({rows, rank + 1}, hidden_tile.options());
+  const acc_t* h = hidden_tile.data_ptr<acc_t>();
+  acc_t* a = out.data_ptr<acc_t>();
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t k = 0; k < rank; ++k) a[i * (rank + 1) + k] = activate(act, h[i * rank + k]);
+    a[i * (rank + 1) + rank] = acc_t(1);
+  }
+  return out;
+}
+
+// dst = a @ b (+ dst when accumulate), with dst possibly a strided tile view.
+void product_into(at::Tensor dst, const at::Tensor& a, const at::Tensor& b,
+                  bool accumulate) {
+  if (accumulate) {
+    dst.addmm_(a, b);
+  } else {
+    at::mm_out(dst, a, b);
   }
 }
 
@@ -126,6 +147,8 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_cpu(
   const Activation act = parse_activation(activation);
   const bool channels_last = shape.spatial == 1;
   const at::ScalarType acc_dtype = compute_dtype(x);
+  const auto acc_options = x.options().dtype(acc_dtype);
+  const int64_t rank = shape.rank;
 
   const at::Tensor x3 =
       x.contiguous().view({shape.n_outer, shape.channels_in, shape.spatial});
@@ -135,36 +158,30 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_cpu(
   at::Tensor y = at::empty(
       adapter_output_sizes(x, shape.channels_out, channels_first), x.options());
   const at::Tensor y3 = y.view({shape.n_outer, shape.channels_out, shape.spatial});
-  at::Tensor hidden = at::empty({shape.positions(), shape.rank},
-                                x.options().dtype(acc_dtype));
+  at::Tensor hidden = at::empty({shape.positions(), rank}, acc_options);
 
   const at::Tensor down = as_compute(down_weight, acc_dtype).contiguous();
-  const at::Tensor up = as_compute(up_weight, acc_dtype).contiguous();
   const at::Tensor bias = compute_or_undefined(down_bias, acc_dtype);
-  // A missing scale or shift is the identity: one branch-free epilogue.
-  const auto acc_options = x.options().dtype(acc_dtype);
-  const at::Tensor scale_c = scale.has_value()
-                                 ? scale->to(acc_dtype).contiguous()
-                                 : at::ones({shape.channels_out}, acc_options);
-  const at::Tensor shift_c = shift.has_value()
-                                 ? shift->to(acc_dtype).contiguous()
-                                 : at::zeros({shape.channels_out}, acc_options);
-  const int64_t rank = shape.rank;
+  // [C_out, rank + 1] = [scale * up | shift]
+  at::Tensor up_folded = at::zeros({shape.channels_out, rank + 1}, acc_options);
+  up_folded.narrow(1, 0, rank).copy_(as_compute(up_weight, acc_dtype));
+  if (scale.has_value()) {
+    up_folded.narrow(1, 0, rank).mul_(as_compute(*scale, acc_dtype).unsqueeze(1));
+  }
+  if (shift.has_value()) up_folded.select(1, rank).copy_(*shift);
+  // float32/float64 outputs are accumulated into directly.
+  const bool direct = x.scalar_type() == acc_dtype;
 
   const std::vector<Tile> tiles = make_tiles(shape);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_forward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const acc_t* bias_data = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
-        const acc_t* scale_data = scale_c.data_ptr<acc_t>();
-        const acc_t* shift_data = shift_c.data_ptr<acc_t>();
         at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1,
                          [&](int64_t begin, int64_t end) {
           for (int64_t t = begin; t < end; ++t) {
             const Tile& tile = tiles[t];
             const at::Tensor x_tile =
                 as_compute(tile_of(x3, tile, channels_last), acc_dtype);
-            // hidden rows of this tile: [count, rank]
             at::Tensor hidden_tile = hidden.narrow(
                 0, tile.n * shape.spatial + tile.first, tile.count);
             if (channels_last) {
@@ -172,23 +189,19 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_cpu(
             } else {
               hidden_tile.copy_(at::mm(down, x_tile).t());
             }
-            at::Tensor activated = at::empty_like(hidden_tile);
-            acc_t* h = hidden_tile.data_ptr<acc_t>();
-            acc_t* a = activated.data_ptr<acc_t>();
-            for (int64_t i = 0; i < tile.count; ++i) {
-              for (int64_t k = 0; k < rank; ++k) {
-                acc_t v = h[i * rank + k];
-                if (bias_data) v += bias_data[k];
-                h[i * rank + k] = v;
-                a[i * rank + k] = activate(act, v);
-              }
+            if (bias.defined()) hidden_tile.add_(bias);
+            const at::Tensor activated = activated_with_ones<acc_t>(hidden_tile, act);
+            // channels-last tiles are [count, C], channels-first [C, count]
+            const at::Tensor lhs = channels_last ? activated : up_folded;
+            const at::Tensor rhs = channels_last ? up_folded.t() : activated.t();
+            if (direct) {
+              at::Tensor y_tile = tile_of(y3, tile, channels_last);
+              y_tile.copy_(tile_of(base3, tile, channels_last));
+              product_into(y_tile, lhs, rhs, /*accumulate=*/true);
+            } else {
+              write_output_tile<scalar_t, acc_t>(y3, base3, at::mm(lhs, rhs), tile,
+                                                 channels_last, shape.channels_out);
             }
-            const at::Tensor branch = channels_last
-                                          ? at::mm(activated, up.t())
-                                          : at::mm(up, activated.t());
-            write_output_tile<scalar_t, acc_t>(y3, base3, branch.contiguous(),
-                                        scale_data, shift_data, tile,
-                                        channels_last, shape.channels_out);
           }
         });
       });
@@ -207,6 +220,7 @@ adapter_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
                              channels_first, base_is_x, /*allow_float64=*/true);
   const Activation act = parse_activation(activation);
   const at::ScalarType acc_dtype = compute_dtype(x);
+  const auto acc_options = x.options().dtype(acc_dtype);
   const bool channels_last = shape.spatial == 1;
   const int64_t rank = shape.rank;
   const int64_t c_in = shape.channels_in;
@@ -220,6 +234,7 @@ adapter_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
   const at::Tensor scale_c = compute_or_undefined(scale, acc_dtype);
   // d(loss)/d(activated) = grad_y @ (scale * up): fold the scale in once.
   const at::Tensor scaled_up = scale_c.defined() ? up * scale_c.unsqueeze(1) : up;
+  const bool direct = x.scalar_type() == acc_dtype;
 
   at::Tensor grad_x = compute_grad_x ? at::empty_like(x, at::MemoryFormat::Contiguous)
                                      : at::empty({0}, x.options());
@@ -229,13 +244,11 @@ adapter_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
   const std::vector<Tile> tiles = make_tiles(shape);
   const int64_t num_tiles = static_cast<int64_t>(tiles.size());
   const int64_t num_chunks = std::max<int64_t>(1, std::min(kMaxChunks, num_tiles));
-  const auto acc_options = x.options().dtype(acc_dtype);
-  // Per-chunk partial sums: G = grad_y^T act(hidden), grad of down, of the
-  // down bias and of the shift.
-  at::Tensor part_g = at::zeros({num_chunks, c_out, rank}, acc_options);
+  // Per-chunk partial sums: G = grad_y^T [act(hidden) | 1] (its last column is
+  // the shift gradient), the grad of down and of the down bias.
+  at::Tensor part_g = at::zeros({num_chunks, c_out, rank + 1}, acc_options);
   at::Tensor part_down = at::zeros({num_chunks, rank, c_in}, acc_options);
   at::Tensor part_bias = at::zeros({num_chunks, rank}, acc_options);
-  at::Tensor part_shift = at::zeros({num_chunks, c_out}, acc_options);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_backward_cpu", [&] {
@@ -245,7 +258,6 @@ adapter_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
             at::Tensor chunk_g = part_g[chunk];
             at::Tensor chunk_down = part_down[chunk];
             at::Tensor chunk_bias = part_bias[chunk];
-            at::Tensor chunk_shift = part_shift[chunk];
             const int64_t first_tile = chunk * num_tiles / num_chunks;
             const int64_t last_tile = (chunk + 1) * num_tiles / num_chunks;
             for (int64_t t = first_tile; t < last_tile; ++t) {
@@ -254,37 +266,39 @@ adapter_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
                   as_compute(tile_of(x3, tile, channels_last), acc_dtype);
               const at::Tensor g_tile =
                   as_compute(tile_of(g3, tile, channels_last), acc_dtype);
+              // g_rows: the tile's grad_y with positions as rows, [count, C_out]
+              const at::Tensor g_rows = channels_last ? g_tile : g_tile.t();
               const at::Tensor h_tile = hidden_c.narrow(
                   0, tile.n * shape.spatial + tile.first, tile.count);
-              // activated and its derivative, [count, rank]
-              at::Tensor activated = at::empty_like(h_tile);
-              at::Tensor slope = at::empty_like(h_tile);
-              const acc_t* h = h_tile.data_ptr<acc_t>();
+              // grad of the pre-activation, [count, rank], and [act(h) | 1]
+              at::Tensor grad_h = at::mm(g_rows, scaled_up);
+              at::Tensor activated = at::empty({tile.count, rank + 1}, acc_options);
+              acc_t* gh = grad_h.data_ptr<acc_t>();
               acc_t* a = activated.data_ptr<acc_t>();
-              acc_t* d = slope.data_ptr<acc_t>();
-              for (int64_t i = 0; i < tile.count * rank; ++i) {
-                a[i] = activate(act, h[i]);
-                d[i] = activate_grad(act, h[i]);
+              const acc_t* h = h_tile.data_ptr<acc_t>();
+              for (int64_t i = 0; i < tile.count; ++i) {
+                for (int64_t k = 0; k < rank; ++k) {
+                  acc_t slope;
+                  activate_with_grad(act, h[i * rank + k], &a[i * (rank + 1) + k], &slope);
+                  gh[i * rank + k] *= slope;
+                }
+                a[i * (rank + 1) + rank] = acc_t(1);
               }
-              // grad of the pre-activation, [count, rank]
-              at::Tensor grad_h = channels_last ? at::mm(g_tile, scaled_up)
-                                                : at::mm(g_tile.t(), scaled_up);
-              grad_h.mul_(slope);
-              if (channels_last) {
-                chunk_g.addmm_(g_tile.t(), activated);
-                chunk_down.addmm_(grad_h.t(), x_tile);
-                chunk_shift.add_(g_tile.sum(0));
-              } else {
-                chunk_g.addmm_(g_tile, activated);
-                chunk_down.addmm_(grad_h.t(), x_tile.t());
-                chunk_shift.add_(g_tile.sum(1));
-              }
+              chunk_g.addmm_(g_rows.t(), activated);
+              chunk_down.addmm_(grad_h.t(), channels_last ? x_tile : x_tile.t());
               chunk_bias.add_(grad_h.sum(0));
-              if (compute_grad_x) {
-                at::Tensor gx = channels_last ? at::mm(grad_h, down)
-                                              : at::mm(down.t(), grad_h.t());
+              if (!compute_grad_x) continue;
+              // grad_x tile = grad_h @ down (+ grad_y when base is x)
+              const at::Tensor lhs = channels_last ? grad_h : down.t();
+              const at::Tensor rhs = channels_last ? down : grad_h.t();
+              at::Tensor gx_tile = tile_of(grad_x3, tile, channels_last);
+              if (direct) {
+                if (base_is_x) gx_tile.copy_(g_tile);
+                product_into(gx_tile, lhs, rhs, /*accumulate=*/base_is_x);
+              } else {
+                at::Tensor gx = at::mm(lhs, rhs);
                 if (base_is_x) gx.add_(g_tile);
-                tile_of(grad_x3, tile, channels_last).copy_(gx);
+                gx_tile.copy_(gx);
               }
             }
           }
@@ -295,24 +309,26 @@ adapter_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
   at::Tensor g_total = part_g[0].clone();
   at::Tensor down_total = part_down[0].clone();
   at::Tensor bias_total = part_bias[0].clone();
-  at::Tensor shift_total = part_shift[0].clone();
   for (int64_t chunk = 1; chunk < num_chunks; ++chunk) {
     g_total.add_(part_g[chunk]);
     down_total.add_(part_down[chunk]);
     bias_total.add_(part_bias[chunk]);
-    shift_total.add_(part_shift[chunk]);
   }
-  const auto wdtype = down_weight.scalar_type();
-  at::Tensor grad_up = scale_c.defined() ? g_total * scale_c.unsqueeze(1) : g_total;
-  at::Tensor grad_scale = scale.has_value()
-                              ? (g_total * up).sum(1).to(wdtype)
-                              : at::empty({0}, x.options());
+  // Fresh contiguous results in the weights' dtype (never views of g_total).
+  const auto as_result = [&](const at::Tensor& t) {
+    return t.to(down_weight.scalar_type(), /*non_blocking=*/false, /*copy=*/true,
+                at::MemoryFormat::Contiguous);
+  };
+  const at::Tensor g_up = g_total.narrow(1, 0, rank);
+  const at::Tensor grad_up = scale_c.defined() ? g_up * scale_c.unsqueeze(1) : g_up;
+  const at::Tensor grad_scale = scale_c.defined() ? as_result((g_up * up).sum(1))
+                                                  : at::empty({0}, x.options());
   return {grad_x,
-          down_total.to(wdtype),
-          bias_total.to(wdtype),
-          grad_up.to(wdtype),
+          as_result(down_total),
+          as_result(bias_total),
+          as_result(grad_up),
           grad_scale,
-          shift_total.to(wdtype)};
+          as_result(g_total.select(1, rank))};
 }
 
 }  // namespace selfheal

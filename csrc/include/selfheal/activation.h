@@ -82,4 +82,26 @@ SELFHEAL_HOST_DEVICE double activate_grad(Activation act, double h) {
   }
 }
 
+// act(h) and act'(h) together, sharing the erf / exp of GELU and SiLU.
+template <typename T>
+SELFHEAL_HOST_DEVICE void activate_with_grad(Activation act, T h, T* value, T* grad) {
+  switch (act) {
+    case Activation::kGelu: {
+      const T cdf = T(0.5) * (T(1) + erf(h * T(0.70710678118654752)));
+      *value = h * cdf;
+      *grad = cdf + h * T(0.39894228040143268) * exp(T(-0.5) * h * h);
+      return;
+    }
+    case Activation::kSilu: {
+      const T sig = T(1) / (T(1) + exp(-h));
+      *value = h * sig;
+      *grad = sig * (T(1) + h * (T(1) - sig));
+      return;
+    }
+    default:
+      *value = activate(act, h);
+      *grad = activate_grad(act, h);
+  }
+}
+
 }  // namespace selfheal
