@@ -57,3 +57,27 @@ def test_setup_without_torch_says_what_to_install():
     assert result.returncode != 0
     assert "PyTorch must be installed" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch")
+def test_setup_follows_an_nvcc_wrapper_and_refuses_a_mismatched_toolkit(tmp_path):
+    # A toolkit whose nvcc reports CUDA 1.2, reached through a wrapper script on
+    # PATH (as on machines where nvcc is a shim): setup.py must find the real
+    # toolkit behind the wrapper and refuse it, naming both versions.
+    toolkit_bin = tmp_path / "cuda-1.2" / "bin"
+    toolkit_bin.mkdir(parents=True)
+    real_nvcc = toolkit_bin / "nvcc"
+    real_nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 1.2, V1.2.3'\n")
+    real_nvcc.chmod(0o755)
+    wrapper_dir = tmp_path / "shims"
+    wrapper_dir.mkdir()
+    wrapper = wrapper_dir / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {real_nvcc} "$@"\n')
+    wrapper.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH", "USE_CUDA")}
+    env.update(PATH=f"{wrapper_dir}:{env['PATH']}", FORCE_CUDA="1")
+    result = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"{tmp_path / 'cuda-1.2'} is CUDA 1.2" in result.stderr
+    assert f"built with CUDA {torch.version.cuda}" in result.stderr
