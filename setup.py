@@ -135,6 +135,9 @@ class BuildWithConfig(BuildExtension):
     """Builds the extension and records what it was built against."""
 
     def run(self):
+        # Recorded only once the build succeeded: a failed rebuild must not
+        # make a stale _C look as if it matched the new torch.
+        super().run()
         text = build_config_text()
         targets = [os.path.join(HERE, "selfheal_ext", "_build_config.py")]
         if not self.inplace:
@@ -143,7 +146,6 @@ class BuildWithConfig(BuildExtension):
             os.makedirs(os.path.dirname(target), exist_ok=True)
             with open(target, "w") as handle:
                 handle.write(text)
-        super().run()
 
 
 def extension():

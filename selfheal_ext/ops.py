@@ -262,6 +262,12 @@ def _softmax_entropy_backward(ctx, grad_entropy, grad_max_prob, grad_logsumexp):
 
 if LOADED:
     _register_fakes()
+    # Under torch.autocast the adapter and the entropy run in float32 (their
+    # inputs are cast up): activations in bf16/fp16 meet fp32 adapter weights,
+    # and statistics keep full precision.
+    for _op in ("selfheal::adapter_forward", "selfheal::softmax_entropy"):
+        for _device in ("cpu", "cuda"):
+            torch.library.register_autocast(_op, _device, torch.float32)
     torch.library.register_autograd(
         "selfheal::adapter_forward", _adapter_backward, setup_context=_adapter_setup_context
     )

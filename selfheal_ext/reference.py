@@ -75,7 +75,9 @@ def softmax_entropy(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     log_p = torch.log_softmax(z, dim=-1)
     p = log_p.exp()
     entropy = -torch.special.xlogy(p, p).sum(dim=-1)
-    max_prob = p.amax(dim=-1)
+    # gather at argmax (the first maximum), not amax: at ties the gradient goes
+    # to that one class, as the kernels define it, instead of being split.
+    max_prob = p.gather(-1, z.argmax(dim=-1, keepdim=True)).squeeze(-1)
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return entropy.to(out_dtype), max_prob.to(out_dtype)
 
@@ -109,6 +111,7 @@ def histogram_update_(
 
     NaN and ±Inf are counted in ``nonfinite [F]`` and never binned.
     """
+    _check_histogram_args(counts, nonfinite, x, lo, hi)
     features, width = counts.shape
     bins = width - 2
     index = histogram_bin_index(x, lo, hi, bins)
@@ -117,6 +120,23 @@ def histogram_update_(
     flat = (feature * width + index)[finite]
     counts.add_(torch.bincount(flat, minlength=features * width).view(features, width))
     nonfinite.add_((~finite).sum(dim=0))
+
+
+def _check_histogram_args(counts, nonfinite, x, lo, hi):
+    """The kernels' argument checks, so the fallback never writes half an update."""
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"selfheal: argument 'x' must be a 2-D floating tensor [N, F], got {x.dtype} {tuple(x.shape)}")
+    features = x.shape[1]
+    if counts.dtype != torch.int64 or counts.dim() != 2 or counts.shape[0] != features or counts.shape[1] < 3:
+        raise ValueError(f"selfheal: argument 'counts' must be an int64 tensor of shape [{features}, bins + 2], "
+                         f"got {counts.dtype} {tuple(counts.shape)}")
+    if nonfinite.dtype != torch.int64 or tuple(nonfinite.shape) != (features,):
+        raise ValueError(f"selfheal: argument 'nonfinite' must be an int64 tensor of shape [{features}], "
+                         f"got {nonfinite.dtype} {tuple(nonfinite.shape)}")
+    for name, edge in (("lo", lo), ("hi", hi)):
+        if edge.dtype != torch.float32 or tuple(edge.shape) != (features,):
+            raise ValueError(f"selfheal: argument '{name}' must be a float32 tensor of shape [{features}], "
+                             f"got {edge.dtype} {tuple(edge.shape)}")
 
 
 def _smoothed(counts: torch.Tensor, pseudo_count: float) -> torch.Tensor:
@@ -131,6 +151,9 @@ def kl_divergence(p_counts: torch.Tensor, q_counts: torch.Tensor, pseudo_count: 
     Each row becomes a distribution after adding ``pseudo_count`` (> 0) to every
     bin, so the result is always finite. Float32 result ``[F]``.
     """
+    if not pseudo_count > 0:
+        raise ValueError(f"selfheal: argument 'pseudo_count' must be finite and > 0 "
+                         f"(KL is infinite without smoothing), got {pseudo_count}")
     p = _smoothed(p_counts, pseudo_count)
     q = _smoothed(q_counts, pseudo_count)
     kl = torch.where(p > 0, p * (torch.log(p) - torch.log(q)), torch.zeros_like(p))

@@ -78,3 +78,16 @@ def test_divergence_opcheck(device, name):
     p = random_counts(6, 10, 0, device=device)
     q = random_counts(6, 10, 1, device=device)
     torch.library.opcheck(getattr(torch.ops.selfheal, name).default, (p, q, 0.5))
+
+
+def test_divergence_extreme_tables_stay_finite():
+    p = torch.tensor([[1e9, 0.0]], dtype=torch.float64)
+    q = torch.tensor([[0.0, 1e9]], dtype=torch.float64)
+    assert torch.isfinite(ops.kl_divergence(p, q, 1e-300)).all()
+    assert torch.isfinite(ops.js_divergence(p, q, 0.0)).all()
+
+
+def test_reference_kl_refuses_zero_pseudo_count():
+    p = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="'pseudo_count'"):
+        reference.kl_divergence(p, p, 0.0)

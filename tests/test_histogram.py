@@ -127,3 +127,18 @@ def test_histogram_opcheck(device):
         torch.ops.selfheal.histogram_update_.default,
         (counts, nonfinite, x, torch.full((5,), -1.0, device=device), torch.ones(5, device=device)),
     )
+
+
+def test_histogram_many_features_few_rows():
+    x = torch.randn(3, 5000)
+    lo, hi = torch.full((5000,), -1.0), torch.full((5000,), 1.0)
+    (counts, nonfinite), (counts_ref, nonfinite_ref) = both(x, lo, hi, 255)
+    assert torch.equal(counts, counts_ref) and counts.sum() == x.numel()
+
+
+def test_reference_fallback_checks_before_writing():
+    counts = torch.zeros(4, 7, dtype=torch.long)
+    with pytest.raises(ValueError, match="'nonfinite'"):
+        reference.histogram_update_(counts, torch.zeros(3, dtype=torch.long), torch.randn(10, 4),
+                                    torch.zeros(4), torch.ones(4))
+    assert counts.sum() == 0

@@ -108,3 +108,11 @@ def test_softmax_entropy_opcheck(device):
         torch.ops.selfheal.softmax_entropy_backward.default,
         (torch.randn_like(entropy), torch.randn_like(entropy), z.detach(), entropy, lse),
     )
+
+
+def test_softmax_entropy_max_prob_gradient_at_ties_goes_to_the_first_maximum():
+    z = torch.zeros(2, 4, requires_grad=True)
+    fused = torch.autograd.grad(ops.softmax_entropy(z)[1].sum(), z)[0]
+    eager = torch.autograd.grad(reference.softmax_entropy(z)[1].sum(), z)[0]
+    torch.testing.assert_close(fused, eager)
+    assert fused[0, 0] > 0 and (fused[0, 1:] < 0).all()

@@ -44,11 +44,13 @@ double row_divergence(const count_t* p, const count_t* q, int64_t bins,
     const double pp = (static_cast<double>(p[b]) + pseudo_count) * p_norm;
     const double qq = (static_cast<double>(q[b]) + pseudo_count) * q_norm;
     if (kind == Divergence::kKL) {
-      total += pp * std::log(pp / qq);  // pp, qq > 0: pseudo_count > 0 for KL
+      // Two logs, not log(pp / qq): the ratio can overflow for extreme tables.
+      total += pp * (std::log(pp) - std::log(qq));
     } else {
       const double mm = 0.5 * (pp + qq);
-      if (pp > 0.0) total += 0.5 * pp * std::log(pp / mm);
-      if (qq > 0.0) total += 0.5 * qq * std::log(qq / mm);
+      const double log_mm = std::log(mm);
+      if (pp > 0.0) total += 0.5 * pp * (std::log(pp) - log_mm);
+      if (qq > 0.0) total += 0.5 * qq * (std::log(qq) - log_mm);
     }
   }
   return kind == Divergence::kJS ? std::max(total, 0.0) : total;

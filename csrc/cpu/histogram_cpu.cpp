@@ -31,8 +31,10 @@ void histogram_update_cpu(at::Tensor& counts, at::Tensor& nonfinite,
   const int64_t row_stride = x.stride(0);
   const int64_t feature_stride = x.stride(1);
 
-  // One private table per task; tasks are fixed row ranges.
-  const int64_t grain = std::max<int64_t>(1, 65536 / features);
+  // One private table per task; tasks are fixed row ranges. Each task counts
+  // at least as many values as its table holds, so the tables never outgrow
+  // the input (many features, many bins, few rows: one task).
+  const int64_t grain = std::max<int64_t>(std::max<int64_t>(1, 65536 / features), width);
   const int64_t tasks = std::min<int64_t>(
       (rows + grain - 1) / grain, std::max<int64_t>(1, at::get_num_threads()));
   std::vector<std::vector<int64_t>> private_counts(tasks);

@@ -561,6 +561,7 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_cuda(
     const at::Tensor& up_weight, const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& shift, c10::string_view activation,
     bool channels_first) {
+  SELFHEAL_NO_AUTOCAST;
   const AdapterShape shape = check_adapter_forward(
       x, base, down_weight, down_bias, up_weight, scale, shift, channels_first);
   const Activation act = parse_activation(activation);
@@ -610,6 +611,7 @@ adapter_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                       const std::optional<at::Tensor>& scale,
                       c10::string_view activation, bool channels_first,
                       bool base_is_x, bool compute_grad_x) {
+  SELFHEAL_NO_AUTOCAST;
   const AdapterShape shape =
       check_adapter_backward(grad_y, x, hidden, down_weight, up_weight, scale,
                              channels_first, base_is_x);

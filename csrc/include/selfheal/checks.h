@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <optional>
 
@@ -11,6 +12,13 @@
               expected, ", got ", actual)
 
 namespace selfheal {
+
+// Kernels that call ATen ops internally hold this so the caller's autocast
+// state cannot change the dtype of their intermediates (autocast policy is
+// applied once, to the op's inputs, in selfheal_ext/ops.py).
+using NoAutocastGuard = c10::impl::ExcludeDispatchKeyGuard;
+#define SELFHEAL_NO_AUTOCAST \
+  const ::selfheal::NoAutocastGuard selfheal_no_autocast(c10::autocast_dispatch_keyset)
 
 enum class Activation { kIdentity = 0, kRelu = 1, kGelu = 2, kSilu = 3 };
 
