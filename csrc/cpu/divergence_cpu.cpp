@@ -44,13 +44,15 @@ double row_divergence(const count_t* p, const count_t* q, int64_t bins,
     const double pp = (static_cast<double>(p[b]) + pseudo_count) * p_norm;
     const double qq = (static_cast<double>(q[b]) + pseudo_count) * q_norm;
     if (kind == Divergence::kKL) {
-      // Two logs, not log(pp / qq): the ratio can overflow for extreme tables.
-      total += pp * (std::log(pp) - std::log(qq));
+      // One log per bin; the ratio overflows only for extreme pseudo-counts,
+      // where two logs keep the result finite.
+      const double ratio = pp / qq;
+      total += pp * (ratio < kInfinity ? std::log(ratio) : std::log(pp) - std::log(qq));
     } else {
       const double mm = 0.5 * (pp + qq);
-      const double log_mm = std::log(mm);
-      if (pp > 0.0) total += 0.5 * pp * (std::log(pp) - log_mm);
-      if (qq > 0.0) total += 0.5 * qq * (std::log(qq) - log_mm);
+      // pp / mm and qq / mm lie in (0, 2]: no overflow, no underflow to 0.
+      if (pp > 0.0) total += 0.5 * pp * std::log(pp / mm);
+      if (qq > 0.0) total += 0.5 * qq * std::log(qq / mm);
     }
   }
   return kind == Divergence::kJS ? std::max(total, 0.0) : total;
