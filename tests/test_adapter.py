@@ -15,6 +15,8 @@ SHAPES = [
     ((1, 8, 5), True, 3),         # channels-first 1-D spatial, batch of one
     ((2, 31, 7, 5), True, 4),     # channels-first conv map with odd sizes
     ((3, 1, 4, 4), True, 1),      # channels-first, one channel
+    ((300, 4, 2, 2), True, 2),    # many small maps: CPU tiles group whole samples
+    ((2, 8, 1100), True, 3),      # a map larger than one CPU tile: split
 ]
 
 

@@ -51,12 +51,18 @@ at::Tensor compute_or_undefined(const std::optional<at::Tensor>& t,
   return t.has_value() ? t->to(dtype).contiguous() : at::Tensor();
 }
 
-// One tile: positions [first, first + count) of sample n (channels-first), or
-// rows [first, first + count) of the flattened [M, C] view (channels-last).
+// One tile. Channels-last: rows [first, first + count) of the flattened
+// [M, C] view (samples == 1). Channels-first: positions [first, first + count)
+// of samples [n, n + samples); a tile either splits one large map (samples ==
+// 1) or groups whole small maps (first == 0, count == spatial), so its
+// positions are always consecutive rows of hidden.
 struct Tile {
   int64_t n;
   int64_t first;
   int64_t count;
+  int64_t samples;
+  int64_t positions() const { return samples * count; }
+  int64_t first_position(int64_t spatial) const { return n * spatial + first; }
 };
 
 std::vector<Tile> make_tiles(const AdapterShape& shape) {
@@ -64,46 +70,55 @@ std::vector<Tile> make_tiles(const AdapterShape& shape) {
   std::vector<Tile> tiles;
   if (shape.spatial == 1) {
     for (int64_t m = 0; m < shape.n_outer; m += per_tile) {
-      tiles.push_back({0, m, std::min(per_tile, shape.n_outer - m)});
+      tiles.push_back({0, m, std::min(per_tile, shape.n_outer - m), 1});
+    }
+  } else if (shape.spatial > 0 && shape.spatial < per_tile) {
+    const int64_t samples = per_tile / shape.spatial;
+    for (int64_t n = 0; n < shape.n_outer; n += samples) {
+      tiles.push_back({n, 0, shape.spatial, std::min(samples, shape.n_outer - n)});
     }
   } else {
     for (int64_t n = 0; n < shape.n_outer; ++n) {
       for (int64_t s = 0; s < shape.spatial; s += per_tile) {
-        tiles.push_back({n, s, std::min(per_tile, shape.spatial - s)});
+        tiles.push_back({n, s, std::min(per_tile, shape.spatial - s), 1});
       }
     }
   }
   return tiles;
 }
 
-// The tile of a [n_outer, C, spatial] tensor as a matrix whose rows are
-// positions: [count, C] for channels-last, [C, count] for channels-first.
-at::Tensor tile_of(const at::Tensor& t3, const Tile& tile, bool channels_last) {
-  if (channels_last) return t3.select(2, 0).narrow(0, tile.first, tile.count);
-  return t3.select(0, tile.n).narrow(1, tile.first, tile.count);
+// Channels-last: the tile's rows of a [n_outer, C, 1] tensor, [count, C].
+at::Tensor rows_of(const at::Tensor& t3, const Tile& tile) {
+  return t3.select(2, 0).narrow(0, tile.first, tile.count);
 }
 
-// out = base + branch for one tile, for half-precision outputs whose branch is
-// computed in float32 first; inner loops run along contiguous memory.
+// Channels-first: the tile's block of a [n_outer, C, spatial] tensor,
+// [samples, C, count].
+at::Tensor block_of(const at::Tensor& t3, const Tile& tile) {
+  return t3.narrow(0, tile.n, tile.samples).narrow(2, tile.first, tile.count);
+}
+
+// A channels-first block [samples, C, count] as rows [samples * count, C]
+// (a copy of the cache-resident block unless it holds a single sample).
+at::Tensor block_as_rows(const at::Tensor& block) {
+  return block.transpose(1, 2).reshape({-1, block.size(1)});
+}
+
+// Rows [samples * count, k] as a block [samples, k, count] (a view).
+at::Tensor rows_as_block(const at::Tensor& rows, const Tile& tile) {
+  return rows.view({tile.samples, tile.count, rows.size(1)}).transpose(1, 2);
+}
+
+// out = base + branch for a channels-last tile with a half-precision output
+// whose branch [count, C] is computed in float32 first.
 template <typename scalar_t, typename acc_t>
-void write_output_tile(const at::Tensor& out3, const at::Tensor& base3,
-                       const at::Tensor& branch, const Tile& tile,
-                       bool channels_last, int64_t channels) {
-  const acc_t* branch_data = branch.data_ptr<acc_t>();
-  const int64_t spatial = out3.size(2);
-  scalar_t* out = out3.data_ptr<scalar_t>();
-  const scalar_t* base = base3.data_ptr<scalar_t>();
-  const int64_t rows = channels_last ? tile.count : channels;
-  const int64_t row_length = channels_last ? channels : tile.count;
-  for (int64_t row = 0; row < rows; ++row) {
-    const int64_t first = channels_last
-                              ? (tile.first + row) * channels
-                              : (tile.n * channels + row) * spatial + tile.first;
-    const acc_t* v = branch_data + row * row_length;
-    for (int64_t i = 0; i < row_length; ++i) {
-      out[first + i] =
-          static_cast<scalar_t>(static_cast<acc_t>(base[first + i]) + v[i]);
-    }
+void write_output_rows(const at::Tensor& out3, const at::Tensor& base3,
+                       const at::Tensor& branch, const Tile& tile, int64_t channels) {
+  const acc_t* v = branch.data_ptr<acc_t>();
+  scalar_t* out = out3.data_ptr<scalar_t>() + tile.first * channels;
+  const scalar_t* base = base3.data_ptr<scalar_t>() + tile.first * channels;
+  for (int64_t i = 0; i < tile.count * channels; ++i) {
+    out[i] = static_cast<scalar_t>(static_cast<acc_t>(base[i]) + v[i]);
   }
 }
 
@@ -121,16 +136,6 @@ at::Tensor activated_with_ones(const at::Tensor& hidden_tile, Activation act) {
     a[i * (rank + 1) + rank] = acc_t(1);
   }
   return out;
-}
-
-// dst = a @ b (+ dst when accumulate), with dst possibly a strided tile view.
-void product_into(at::Tensor dst, const at::Tensor& a, const at::Tensor& b,
-                  bool accumulate) {
-  if (accumulate) {
-    dst.addmm_(a, b);
-  } else {
-    at::mm_out(dst, a, b);
-  }
 }
 
 }  // namespace
@@ -181,27 +186,37 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_cpu(
                          [&](int64_t begin, int64_t end) {
           for (int64_t t = begin; t < end; ++t) {
             const Tile& tile = tiles[t];
-            const at::Tensor x_tile =
-                as_compute(tile_of(x3, tile, channels_last), acc_dtype);
             at::Tensor hidden_tile = hidden.narrow(
-                0, tile.n * shape.spatial + tile.first, tile.count);
+                0, tile.first_position(shape.spatial), tile.positions());
             if (channels_last) {
-              at::mm_out(hidden_tile, x_tile, down.t());
+              at::mm_out(hidden_tile, as_compute(rows_of(x3, tile), acc_dtype), down.t());
             } else {
-              hidden_tile.copy_(at::mm(down, x_tile).t());
+              const at::Tensor x_block = as_compute(block_of(x3, tile), acc_dtype);
+              rows_as_block(hidden_tile, tile).copy_(at::matmul(down, x_block));
             }
             if (bias.defined()) hidden_tile.add_(bias);
             const at::Tensor activated = activated_with_ones<acc_t>(hidden_tile, act);
-            // channels-last tiles are [count, C], channels-first [C, count]
-            const at::Tensor lhs = channels_last ? activated : up_folded;
-            const at::Tensor rhs = channels_last ? up_folded.t() : activated.t();
+            if (channels_last) {
+              if (direct) {
+                at::Tensor y_rows = rows_of(y3, tile);
+                y_rows.copy_(rows_of(base3, tile));
+                y_rows.addmm_(activated, up_folded.t());
+              } else {
+                write_output_rows<scalar_t, acc_t>(y3, base3, at::mm(activated, up_folded.t()),
+                                                   tile, shape.channels_out);
+              }
+              continue;
+            }
+            // [samples, C_out, count] = base + up_folded @ [act | 1]^T per sample
+            const at::Tensor up_batched =
+                up_folded.expand({tile.samples, up_folded.size(0), up_folded.size(1)});
+            at::Tensor y_block = block_of(y3, tile);
             if (direct) {
-              at::Tensor y_tile = tile_of(y3, tile, channels_last);
-              y_tile.copy_(tile_of(base3, tile, channels_last));
-              product_into(y_tile, lhs, rhs, /*accumulate=*/true);
+              y_block.copy_(block_of(base3, tile));
+              y_block.baddbmm_(up_batched, rows_as_block(activated, tile));
             } else {
-              write_output_tile<scalar_t, acc_t>(y3, base3, at::mm(lhs, rhs), tile,
-                                                 channels_last, shape.channels_out);
+              y_block.copy_(at::baddbmm(block_of(base3, tile).to(acc_dtype), up_batched,
+                                        rows_as_block(activated, tile)));
             }
           }
         });
@@ -264,21 +279,23 @@ adapter_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
             const int64_t last_tile = (chunk + 1) * num_tiles / num_chunks;
             for (int64_t t = first_tile; t < last_tile; ++t) {
               const Tile& tile = tiles[t];
-              const at::Tensor x_tile =
-                  as_compute(tile_of(x3, tile, channels_last), acc_dtype);
-              const at::Tensor g_tile =
-                  as_compute(tile_of(g3, tile, channels_last), acc_dtype);
-              // g_rows: the tile's grad_y with positions as rows, [count, C_out]
-              const at::Tensor g_rows = channels_last ? g_tile : g_tile.t();
-              const at::Tensor h_tile = hidden_c.narrow(
-                  0, tile.n * shape.spatial + tile.first, tile.count);
-              // grad of the pre-activation, [count, rank], and [act(h) | 1]
+              // the tile's x and grad_y with positions as rows: [positions, C]
+              const at::Tensor x_rows = as_compute(
+                  channels_last ? rows_of(x3, tile) : block_as_rows(block_of(x3, tile)),
+                  acc_dtype);
+              const at::Tensor g_rows = as_compute(
+                  channels_last ? rows_of(g3, tile) : block_as_rows(block_of(g3, tile)),
+                  acc_dtype);
+              const int64_t positions = tile.positions();
+              const at::Tensor h_tile =
+                  hidden_c.narrow(0, tile.first_position(shape.spatial), positions);
+              // grad of the pre-activation, [positions, rank], and [act(h) | 1]
               at::Tensor grad_h = at::mm(g_rows, scaled_up);
-              at::Tensor activated = at::empty({tile.count, rank + 1}, acc_options);
+              at::Tensor activated = at::empty({positions, rank + 1}, acc_options);
               acc_t* gh = grad_h.data_ptr<acc_t>();
               acc_t* a = activated.data_ptr<acc_t>();
               const acc_t* h = h_tile.data_ptr<acc_t>();
-              for (int64_t i = 0; i < tile.count; ++i) {
+              for (int64_t i = 0; i < positions; ++i) {
                 for (int64_t k = 0; k < rank; ++k) {
                   acc_t slope;
                   activate_with_grad(act, h[i * rank + k], &a[i * (rank + 1) + k], &slope);
@@ -287,20 +304,39 @@ adapter_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
                 a[i * (rank + 1) + rank] = acc_t(1);
               }
               chunk_g.addmm_(g_rows.t(), activated);
-              chunk_down.addmm_(grad_h.t(), channels_last ? x_tile : x_tile.t());
+              chunk_down.addmm_(grad_h.t(), x_rows);
               chunk_bias.add_(grad_h.sum(0));
               if (!compute_grad_x) continue;
-              // grad_x tile = grad_h @ down (+ grad_y when base is x)
-              const at::Tensor lhs = channels_last ? grad_h : down.t();
-              const at::Tensor rhs = channels_last ? down : grad_h.t();
-              at::Tensor gx_tile = tile_of(grad_x3, tile, channels_last);
+              // grad_x = grad_h @ down (+ grad_y when base is x)
+              if (channels_last) {
+                at::Tensor gx_rows = rows_of(grad_x3, tile);
+                if (direct && base_is_x) {
+                  gx_rows.copy_(g_rows);
+                  gx_rows.addmm_(grad_h, down);
+                } else if (direct) {
+                  at::mm_out(gx_rows, grad_h, down);
+                } else {
+                  at::Tensor gx = at::mm(grad_h, down);
+                  if (base_is_x) gx.add_(g_rows);
+                  gx_rows.copy_(gx);
+                }
+                continue;
+              }
+              const at::Tensor down_t_batched =
+                  down.t().expand({tile.samples, c_in, rank});
+              const at::Tensor grad_h_block = rows_as_block(grad_h, tile);
+              at::Tensor gx_block = block_of(grad_x3, tile);
               if (direct) {
-                if (base_is_x) gx_tile.copy_(g_tile);
-                product_into(gx_tile, lhs, rhs, /*accumulate=*/base_is_x);
+                if (base_is_x) {
+                  gx_block.copy_(block_of(g3, tile));
+                } else {
+                  gx_block.zero_();
+                }
+                gx_block.baddbmm_(down_t_batched, grad_h_block);
               } else {
-                at::Tensor gx = at::mm(lhs, rhs);
-                if (base_is_x) gx.add_(g_tile);
-                gx_tile.copy_(gx);
+                at::Tensor gx = at::bmm(down_t_batched, grad_h_block);
+                if (base_is_x) gx.add_(block_of(g3, tile));
+                gx_block.copy_(gx);
               }
             }
           }
