@@ -248,6 +248,8 @@ def case_table(device: torch.device, quick: bool) -> list:
     for layout, shape, channels_first in (
         ("cl", (rows(4096), 1024), False),
         ("cf", (rows(32), 256, 28, 28), True),
+        # many small maps (late conv stages): CPU tiles group whole samples
+        ("cf", (rows(1024), 256, 4, 4), True),
     ):
         for backward in (False, True):
             pass_name = "fwd+bwd" if backward else "fwd"
