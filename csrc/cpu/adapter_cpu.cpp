@@ -156,11 +156,11 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_cpu(
   const auto acc_options = x.options().dtype(acc_dtype);
   const int64_t rank = shape.rank;
 
-  const at::Tensor x3 =
-      x.contiguous().view({shape.n_outer, shape.channels_in, shape.spatial});
-  const at::Tensor base3 =
-      (base.has_value() ? base->contiguous() : x.contiguous())
-          .view({shape.n_outer, shape.channels_out, shape.spatial});
+  // One contiguous copy of a strided x serves as both input and base.
+  const at::Tensor x_c = x.contiguous();
+  const at::Tensor x3 = x_c.view({shape.n_outer, shape.channels_in, shape.spatial});
+  const at::Tensor base3 = (base.has_value() ? base->contiguous() : x_c)
+                               .view({shape.n_outer, shape.channels_out, shape.spatial});
   at::Tensor y = at::empty(
       adapter_output_sizes(x, shape.channels_out, channels_first), x.options());
   const at::Tensor y3 = y.view({shape.n_outer, shape.channels_out, shape.spatial});
