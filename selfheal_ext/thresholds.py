@@ -1,0 +1,150 @@
+"""Thresholds from a target false-alarm rate.
+
+Pure functions used by ``DriftMonitor.calibrate``: an upper quantile of a
+bootstrap sample (with a generalised-Pareto tail when the sample is too short
+for the level), the threshold of a CUSUM for a target average run length
+(Brook–Evans Markov chain on the empirical increment distribution), a binomial
+upper tail, and temperature scaling of logits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+
+# Fewer exceedances than this at the target level and the empirical quantile is
+# too noisy: extrapolate with a generalised-Pareto tail instead.
+MIN_EXCEEDANCES = 20
+
+
+def _gpd_pwm(excess: torch.Tensor) -> Tuple[float, float]:
+    """Shape and scale of a generalised Pareto distribution fitted to positive
+    excesses by probability-weighted moments (Hosking & Wallis, 1987)."""
+    y, _ = torch.sort(excess.double())
+    n = y.numel()
+    plotting = (torch.arange(1, n + 1, dtype=torch.float64) - 0.35) / n
+    a0 = y.mean().item()
+    a1 = (y * (1.0 - plotting)).mean().item()
+    denominator = a0 - 2.0 * a1
+    if denominator <= 0.0 or a0 <= 0.0:
+        return 0.0, max(a0, 1e-12)
+    shape = 2.0 - a0 / denominator
+    scale = 2.0 * a0 * a1 / denominator
+    return shape, scale
+
+
+def upper_quantile(samples: torch.Tensor, alpha: float) -> float:
+    """The value exceeded with probability ``alpha`` by the distribution the
+    ``samples`` were drawn from.
+
+    With at least ``MIN_EXCEEDANCES`` samples expected above it, the empirical
+    quantile; otherwise the top tenth of the sample (at least 30 points) is
+    fitted with a generalised Pareto tail and extrapolated (peaks over
+    threshold), since a bootstrap long enough for a one-in-a-million level
+    would take longer than users wait for a calibration.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"selfheal: alpha must be in (0, 1), got {alpha}")
+    x = samples.double().flatten()
+    n = x.numel()
+    if n < 50:
+        raise ValueError(f"selfheal: need at least 50 bootstrap samples for a threshold, got {n}")
+    if alpha * n >= MIN_EXCEEDANCES:
+        return torch.quantile(x, 1.0 - alpha, interpolation="higher").item()
+    tail_count = max(30, n // 10)
+    ordered, _ = torch.sort(x, descending=True)
+    anchor = ordered[tail_count].item()
+    excess = ordered[:tail_count] - anchor
+    shape, scale = _gpd_pwm(excess)
+    # The tail probability at the anchor is tail_count / n.
+    ratio = tail_count / (n * alpha)
+    if abs(shape) < 1e-6:
+        return anchor + scale * math.log(ratio)
+    return anchor + scale / shape * (ratio ** shape - 1.0)
+
+
+def cusum_run_length(increments: torch.Tensor, threshold: float, states: int = 200) -> float:
+    """Average run length from 0 of ``g <- max(0, g + X)``, alarm when ``g > threshold``,
+    for i.i.d. ``X`` drawn from the empirical distribution of ``increments``
+    (Brook & Evans, 1972: a Markov chain on ``states`` cells of ``[0, threshold]``)."""
+    ordered, _ = torch.sort(increments.double().flatten())
+    n = ordered.numel()
+    width = threshold / (states - 0.5)
+    centres = torch.arange(states, dtype=torch.float64) * width
+
+    def cdf(values: torch.Tensor) -> torch.Tensor:
+        return torch.searchsorted(ordered, values, right=True).double() / n
+
+    # From cell i to cell j: g' = max(0, c_i + X) in ((j - 1/2)w, (j + 1/2)w];
+    # cell 0 also takes everything at or below w/2 (g' = 0 included).
+    upper_edges = (torch.arange(states, dtype=torch.float64) + 0.5) * width
+    cumulative = cdf(upper_edges.unsqueeze(0) - centres.unsqueeze(1))
+    transition = torch.diff(cumulative, dim=1, prepend=torch.zeros(states, 1, dtype=torch.float64))
+    system = torch.eye(states, dtype=torch.float64) - transition
+    run_lengths = torch.linalg.solve(system, torch.ones(states, dtype=torch.float64))
+    return run_lengths[0].item()
+
+
+def cusum_threshold(increments: torch.Tensor, run_length: float) -> float:
+    """Smallest CUSUM threshold whose average run length under the null is at
+    least ``run_length`` batches (bisection on ``cusum_run_length``)."""
+    if float(increments.double().mean()) >= 0.0:
+        raise ValueError("selfheal: CUSUM increments must drift downwards under the null "
+                         "(mean increment >= 0); raise the allowance")
+    low, high = 0.0, 1.0
+    while cusum_run_length(increments, high) < run_length:
+        low, high = high, high * 2.0
+        if high > 1e6:
+            raise ValueError("selfheal: no CUSUM threshold reaches the requested run length")
+    for _ in range(40):
+        middle = 0.5 * (low + high)
+        if cusum_run_length(increments, middle) < run_length:
+            low = middle
+        else:
+            high = middle
+        if high - low < 1e-4 * high:
+            break
+    return high
+
+
+def binomial_upper_tail(successes: int, trials: int, rate: float) -> float:
+    """``P(K >= successes)`` for ``K ~ Binomial(trials, rate)``."""
+    if successes <= 0:
+        return 1.0
+    if successes > trials:
+        return 0.0
+    log_rate, log_miss = math.log(rate), math.log1p(-rate)
+    terms = [
+        math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1)
+        + k * log_rate + (trials - k) * log_miss
+        for k in range(successes, trials + 1)
+    ]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Temperature ``T`` minimising the cross-entropy of ``softmax(logits / T)``
+    (temperature scaling, Guo et al. 2017): golden-section search on ``log T``."""
+    logits = logits.double()
+    labels = labels.long()
+
+    def loss(log_t: float) -> float:
+        return torch.nn.functional.cross_entropy(logits / math.exp(log_t), labels).item()
+
+    low, high = math.log(0.05), math.log(20.0)
+    golden = (math.sqrt(5.0) - 1.0) / 2.0
+    a, b = high - golden * (high - low), low + golden * (high - low)
+    fa, fb = loss(a), loss(b)
+    for _ in range(60):
+        if fa < fb:
+            high, b, fb = b, a, fa
+            a = high - golden * (high - low)
+            fa = loss(a)
+        else:
+            low, a, fa = a, b, fb
+            b = low + golden * (high - low)
+            fb = loss(b)
+    return math.exp(0.5 * (low + high))
