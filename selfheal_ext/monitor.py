@@ -128,7 +128,7 @@ class DriftMonitor:
             the per-batch score (``k = δ/2`` detects a persistent shift ``δ`` fastest).
         bootstrap: number of bootstrap windows drawn from the reference for the
             window threshold (default: enough for 20 exceedances at the target
-            level, at most 20,000; beyond that the tail is extrapolated).
+            level, at most 10,000; beyond that the tail is extrapolated).
         logits_fn: maps the model's output to ``[N, C]`` logits (default: the
             output itself, or its first element if it is a tuple/list). A single
             logit ``[N, 1]`` is read as a binary classifier's positive class.
@@ -521,7 +521,7 @@ class DriftMonitor:
         self._tail_extrapolated = alpha * windows < 20
         if self._tail_extrapolated:
             notes.append(f"window threshold extrapolated from {windows} bootstrap windows "
-                         f"(generalised-Pareto tail) for a per-batch level of {alpha:.2g}")
+                         f"(fitted tail) for a per-batch level of {alpha:.2g}")
 
     def _fit_cusum(self, pool_bins, pool_entropy, batch, generator) -> None:
         pool, features = pool_bins.shape
@@ -623,11 +623,11 @@ class DriftMonitor:
 
     def _update(self, logits: torch.Tensor, rows: int) -> DriftReport:
         entropy, confidence = self._confidence(logits)
-        finite = torch.isfinite(entropy)
-        finite_rows = finite.sum()
-        stats = torch.stack([
-            entropy.nansum(), confidence.nansum(), (entropy > self.entropy_tail_level).sum(),
-            finite_rows, rows - finite_rows]).double()
+        finite_rows = torch.isfinite(entropy).sum()
+        # Float64 sums: the same total whichever way the rows are split over ranks.
+        sums = torch.stack([entropy, confidence]).double().nansum(dim=1)
+        stats = torch.cat([sums, torch.stack([(entropy > self.entropy_tail_level).sum(), finite_rows,
+                                              rows - finite_rows]).double()])
         samples = rows
         if self.process_group is not None:
             import torch.distributed as dist

@@ -1,0 +1,240 @@
+"""DriftMonitor end to end on small seeded models and streams."""
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import selfheal_ext as sh
+
+
+def _mlp(seed=0, outputs=4):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, outputs)).eval()
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 96, 3, padding=1),
+                                      nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(96, 5)
+
+    def forward(self, x):
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+def _stream(batches, size, seed, shift=0.0, scale=1.0, features=8):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, features, generator=generator) * scale + shift for _ in range(batches)]
+
+
+def _calibrated(model=None, batches=40, size=32, **kwargs):
+    model = model or _mlp()
+    kwargs.setdefault("window", 64)
+    kwargs.setdefault("false_alarm_every", 100_000)
+    kwargs.setdefault("bootstrap", 2000)
+    monitor = sh.DriftMonitor(model, **kwargs)
+    report = monitor.calibrate(_stream(batches, size, seed=1))
+    return monitor, report
+
+
+def test_default_taps_mlp_and_cnn():
+    assert sh.DriftMonitor(_mlp()).tap_names == ["0", "2", "4"]
+    # Blocks of the CNN: 'features' (one block holding both convolutions) and the head.
+    assert sh.DriftMonitor(SmallCNN()).tap_names == ["features", "head"]
+    assert sh.DriftMonitor(SmallCNN(), taps=[nn.Conv2d]).tap_names == ["features.0", "features.2"]
+    with pytest.raises(ValueError, match="no module named 'nope'"):
+        sh.DriftMonitor(_mlp(), taps=["nope"])
+
+
+def test_calibration_refuses_too_little_data():
+    monitor = sh.DriftMonitor(_mlp(), window=64)
+    with pytest.raises(ValueError, match=r"at least 256 healthy samples .*got 100"):
+        monitor.calibrate(_stream(10, 10, seed=0))
+    with pytest.raises(RuntimeError, match="before calibrate"):
+        monitor.update(torch.zeros(2, 4))
+
+
+def test_clean_stream_has_no_alarm_and_change_point_is_found_quickly():
+    monitor, report = _calibrated()
+    assert report.samples == 1280 and report.dropped_nonfinite == 0
+    for x in _stream(300, 32, seed=2):
+        monitor(x)
+        assert not monitor.drift_detected, monitor.last_report
+    delays = {}
+    for shift in (0.5, 1.0):
+        monitor.reset()
+        for x in _stream(10, 32, seed=3):
+            monitor(x)
+        for batch, x in enumerate(_stream(30, 32, seed=4, shift=shift)):
+            if monitor(x) is not None and monitor.drift_detected:
+                delays[shift] = batch + 1
+                break
+        else:
+            pytest.fail(f"shift {shift} not detected in 30 batches")
+    # A 1-sigma shift of every input is plain within two 32-sample batches; a
+    # half-sigma one at this strict level (one false alarm per 100,000 batches)
+    # takes a CUSUM run or a fuller window.
+    assert delays[1.0] <= 3 and delays[0.5] <= 20, delays
+    attribution = monitor.last_report.attribution
+    assert attribution is not None and set(attribution.signals) == {"0", "2", "4", "entropy_mean", "entropy_tail"}
+    assert attribution.top_signal in ("0", "2", "4")
+    assert len(attribution.features["0"]) == 5
+
+
+def test_small_persistent_shift_is_caught_by_cusum():
+    monitor, _ = _calibrated(batches=80, false_alarm_every=10_000)
+    reasons = set()
+    for batch, x in enumerate(_stream(200, 32, seed=5, shift=0.15)):
+        monitor(x)
+        if monitor.drift_detected:
+            reasons.update(monitor.last_report.reasons)
+            break
+    else:
+        pytest.fail("a persistent 0.15-sigma shift went unnoticed for 200 batches")
+    assert reasons
+
+
+def test_signals_match_the_bootstrap_computation():
+    monitor, _ = _calibrated()
+    for x in _stream(5, 32, seed=6, shift=0.3):
+        report = monitor.update(monitor.model(x))
+    counts, stats, samples = monitor._window.totals()
+    features, bins = monitor.reference_counts.shape
+    raw = monitor._raw_signals(counts[: features * bins].view(1, features, bins), stats[0:1], stats[2:3],
+                               stats[3:4], samples)
+    z = monitor._standardise(raw)[0]
+    assert z.tolist() == pytest.approx(list(report.signals.values()), rel=1e-9, abs=1e-9)
+    assert report.score == pytest.approx(z.max().item())
+
+
+@pytest.mark.parametrize("window_kind", ["sliding", "exponential"])
+def test_state_round_trip_gives_identical_decisions(window_kind):
+    monitor, _ = _calibrated(window_kind=window_kind)
+    for x in _stream(7, 32, seed=7):
+        monitor(x)
+    buffer = io.BytesIO()
+    torch.save(monitor.state_dict(), buffer)
+    buffer.seek(0)
+    restored = sh.DriftMonitor(_mlp(), window=64, false_alarm_every=100_000, bootstrap=2000, window_kind=window_kind)
+    restored.load_state_dict(torch.load(buffer, weights_only=False))
+    for x in _stream(6, 32, seed=8) + _stream(6, 32, seed=9, shift=0.8):
+        a = monitor.update(monitor.model(x))
+        b = restored.update(restored.model(x))
+        assert (a.drift, a.reasons, a.score, a.cusum, a.signals) == (b.drift, b.reasons, b.score, b.cusum, b.signals)
+    assert a.drift
+
+
+def test_load_state_dict_rejects_other_configurations_and_corruption():
+    monitor, _ = _calibrated()
+    state = monitor.state_dict()
+    with pytest.raises(ValueError, match="different configuration"):
+        sh.DriftMonitor(_mlp(), window=128, false_alarm_every=100_000, bootstrap=2000).load_state_dict(state)
+    with pytest.raises(ValueError, match="taps"):
+        sh.DriftMonitor(_mlp(), taps=["4"], window=64, false_alarm_every=100_000,
+                        bootstrap=2000).load_state_dict(state)
+    fresh = sh.DriftMonitor(_mlp(), window=64, false_alarm_every=100_000, bootstrap=2000)
+    corrupt = dict(state, reference_counts=-state["reference_counts"])
+    with pytest.raises(ValueError, match="negative reference counts"):
+        fresh.load_state_dict(corrupt)
+    with pytest.raises(ValueError, match="format_version"):
+        fresh.load_state_dict({"lo": 1})
+    assert not fresh.calibrated
+
+
+def test_nonfinite_surge_is_reported_and_never_binned():
+    monitor, _ = _calibrated()
+    for x in _stream(4, 32, seed=10):
+        monitor(x)
+    x = _stream(1, 32, seed=11)[0]
+    x[:6] = float("nan")
+    output = monitor.model(x)
+    # The taps binned the 26 finite rows and only counted the 6 NaN rows.
+    assert torch.all(monitor._batch_counts.sum(dim=1) == 26)
+    assert torch.all(monitor._batch_nonfinite == 6)
+    report = monitor.update(output)
+    assert report.nonfinite_samples == 6
+    assert "nonfinite" in report.reasons and report.drift
+    assert math.isfinite(report.score)
+
+
+def test_nan_rows_in_calibration_are_dropped_and_counted():
+    monitor = sh.DriftMonitor(_mlp(), window=64, false_alarm_every=100_000, bootstrap=2000)
+    batches = _stream(40, 32, seed=1)
+    batches[3][:5] = float("inf")
+    batches[7][2] = float("nan")
+    report = monitor.calibrate(batches)
+    assert report.dropped_nonfinite == 6 and report.samples == 1280 - 6
+    assert torch.isfinite(monitor.lo).all() and torch.isfinite(monitor.hi).all()
+    assert monitor.reference_counts.sum() == (report.samples // 2) * monitor.reference_counts.shape[0]
+
+
+def test_batch_of_one_and_empty_batch():
+    monitor, _ = _calibrated(false_alarm_every=1_000_000)
+    for x in _stream(200, 1, seed=12):
+        report = monitor.update(monitor.model(x))
+        assert report.samples == 1
+    assert not report.warming_up and report.window_samples >= 64
+    assert monitor.alarms == 0
+    window_before = monitor._window.totals()[0].clone()
+    empty = monitor.update(monitor.model(torch.zeros(0, 8)))
+    assert empty.samples == 0 and not empty.drift
+    assert torch.equal(monitor._window.totals()[0], window_before)
+
+
+def test_rows_mismatch_and_paused():
+    monitor, _ = _calibrated()
+    monitor.model(torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="saw 4 rows but the logits have 3"):
+        monitor.update(torch.randn(3, 4))
+    with monitor.paused():
+        monitor.model(torch.randn(4, 8))
+    report = monitor(torch.randn(5, 8))
+    assert monitor.last_report.samples == 5 and report is not None
+
+
+def test_binary_single_logit_and_conv_projection():
+    monitor = sh.DriftMonitor(_mlp(outputs=1), window=64, false_alarm_every=100_000, bootstrap=2000)
+    monitor.calibrate(_stream(20, 32, seed=1))
+    assert monitor(torch.randn(16, 8)).shape == (16, 1)
+    assert 0.5 <= monitor.last_report.batch_accuracy_estimate <= 1.0
+
+    cnn = SmallCNN().eval()
+    monitor = sh.DriftMonitor(cnn, window=32, false_alarm_every=100_000, bootstrap=1000, max_features=16)
+    generator = torch.Generator().manual_seed(0)
+    report = monitor.calibrate([torch.randn(16, 3, 8, 8, generator=generator) for _ in range(10)])
+    # 'features' gets the 3-channel image (pooled per channel), the head 96
+    # features, projected to 16.
+    assert report.features == {"features": 3, "head": 16}
+    assert monitor.state_dict()["projections"]["head"].shape == (96, 16)
+    assert monitor.state_dict()["projections"]["features"] is None
+    out = monitor(torch.randn(16, 3, 8, 8, generator=generator) * 3)
+    assert out.shape == (16, 5)
+
+
+def test_labels_calibrate_the_accuracy_estimate():
+    torch.manual_seed(0)
+    teacher = nn.Linear(8, 3)
+    model = nn.Sequential(nn.Linear(8, 3))
+    model[0].weight.data = teacher.weight.data * 4  # over-confident copy
+    model[0].bias.data = teacher.bias.data * 4
+    generator = torch.Generator().manual_seed(1)
+
+    def labelled(n):
+        x = torch.randn(n, 8, generator=generator)
+        y = torch.multinomial(torch.softmax(teacher(x), dim=1), 1, generator=generator).squeeze(1)
+        return x, y
+
+    monitor = sh.DriftMonitor(model, window=64, false_alarm_every=100_000, bootstrap=2000)
+    report = monitor.calibrate([labelled(128) for _ in range(20)])
+    assert report.temperature == pytest.approx(4.0, rel=0.25)
+    x, y = labelled(4096)
+    with torch.no_grad(), monitor.paused():
+        accuracy = (model(x).argmax(1) == y).double().mean().item()
+    monitor(x)
+    assert monitor.last_report.batch_accuracy_estimate == pytest.approx(accuracy, abs=0.03)
