@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from . import ops, reference
-from .taps import Tap, TapSpec, first_tensor, pool_features, random_projection, resolve_taps
+from .taps import (Tap, TapSpec, apply_sketch, first_tensor, pool_features, random_projection, resolve_taps,
+                   sketch_plan)
 from .thresholds import binomial_upper_tail, cusum_threshold, fit_temperature, upper_quantile
 from .windows import ExponentialWindow, SlidingWindow
 
@@ -122,8 +123,8 @@ class DriftMonitor:
         false_alarm_every: target expected number of clean batches between
             false alarms (ERT); sets every threshold.
         divergence: ``"js"`` (Jensen–Shannon) or ``"kl"`` (KL with ½ pseudo-counts).
-        max_features: features wider than this are reduced by a fixed random
-            projection to ``max_features`` components.
+        max_features: features wider than this are reduced by a fixed sparse
+            random projection (count sketch) to ``max_features`` components.
         cusum_allowance: CUSUM reference value ``k`` in standard deviations of
             the per-batch score (``k = δ/2`` detects a persistent shift ``δ`` fastest).
         bootstrap: number of bootstrap windows drawn from the reference for the
@@ -201,6 +202,7 @@ class DriftMonitor:
         self._mode = "off"
         self._paused = 0
         self._projections: Dict[str, Optional[torch.Tensor]] = {}
+        self._sketch_plans: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._collected: Dict[str, List[torch.Tensor]] = {}
         self._rows_seen: Dict[str, int] = {}
         self._handles = [tap.module.register_forward_pre_hook(self._make_hook(tap)) for tap in self.taps]
@@ -242,7 +244,11 @@ class DriftMonitor:
             if features.shape[1] != projection.shape[0]:
                 raise ValueError(f"selfheal: tap {tap.name!r} saw {features.shape[1]} features, "
                                  f"calibrated with {projection.shape[0]}")
-            features = features @ projection.to(features.device)
+            plan = self._sketch_plans.get(tap.name)
+            if plan is None or plan[0].device != features.device:
+                plan = tuple(t.to(features.device) for t in sketch_plan(projection))
+                self._sketch_plans[tap.name] = plan
+            features = apply_sketch(features, plan[0], plan[1], projection.shape[1])
         return features
 
     def _make_hook(self, tap: Tap):
@@ -310,6 +316,7 @@ class DriftMonitor:
         config = self.config
         generator = torch.Generator().manual_seed(config["seed"] + 7919)
         self._projections = {}
+        self._sketch_plans = {}
         self._collected = {}
         logits_list, labels_list, sizes = [], [], []
         self._mode = "collect"
@@ -816,6 +823,10 @@ class DriftMonitor:
             raise ValueError("selfheal: state has bin edges with hi <= lo")
         self.device = next(iter(_devices_of(self.model)), torch.device("cpu"))
         self._projections = {n: (p.clone() if p is not None else None) for n, p in state["projections"].items()}
+        self._sketch_plans = {}
+        for name, projection in self._projections.items():
+            if projection is not None:
+                sketch_plan(projection)  # refuses a corrupt projection now, not mid-stream
         self._slices = {n: tuple(v) for n, v in state["slices"].items()}
         widths = [self._slices[n][1] - self._slices[n][0] for n in self.tap_names]
         layer_of_feature = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))

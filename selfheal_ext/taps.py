@@ -134,7 +134,27 @@ def pool_features(x: torch.Tensor, channels_first: bool) -> torch.Tensor:
 
 
 def random_projection(features: int, dim: int, seed: int) -> torch.Tensor:
-    """A fixed ``[features, dim]`` Gaussian projection scaled by ``1/sqrt(features)``,
-    drawn from its own generator so it depends only on ``seed``."""
+    """A fixed sparse random projection ``[features, dim]`` (a count sketch:
+    each input feature is added, with a random sign, to one random output),
+    drawn from its own generator so it depends only on ``seed``. Sparse so the
+    monitor's cost stays one pass over the features rather than a matmul as
+    large as a layer of the model."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(features, dim, generator=generator) / features ** 0.5
+    bucket = torch.randperm(features, generator=generator) % dim
+    sign = torch.randint(0, 2, (features,), generator=generator).float() * 2 - 1
+    projection = torch.zeros(features, dim)
+    projection[torch.arange(features), bucket] = sign
+    return projection
+
+
+def sketch_plan(projection: torch.Tensor):
+    """``(bucket, sign)`` of a count-sketch projection, for ``apply_sketch``."""
+    nonzero = projection != 0
+    if not torch.equal(nonzero.sum(dim=1), torch.ones(projection.shape[0], dtype=torch.long)):
+        raise ValueError("selfheal: a tap projection must have exactly one non-zero per input feature")
+    return projection.abs().argmax(dim=1), projection.sum(dim=1)
+
+
+def apply_sketch(features: torch.Tensor, bucket: torch.Tensor, sign: torch.Tensor, dim: int) -> torch.Tensor:
+    """``features @ projection`` for a count sketch, in one pass."""
+    return features.new_zeros(features.shape[0], dim).index_add_(1, bucket, features * sign)

@@ -211,7 +211,9 @@ def test_binary_single_logit_and_conv_projection():
     # 'features' gets the 3-channel image (pooled per channel), the head 96
     # features, projected to 16.
     assert report.features == {"features": 3, "head": 16}
-    assert monitor.state_dict()["projections"]["head"].shape == (96, 16)
+    projection = monitor.state_dict()["projections"]["head"]
+    assert projection.shape == (96, 16)
+    assert torch.equal((projection != 0).sum(dim=1), torch.ones(96, dtype=torch.long))  # count sketch
     assert monitor.state_dict()["projections"]["features"] is None
     out = monitor(torch.randn(16, 3, 8, 8, generator=generator) * 3)
     assert out.shape == (16, 5)
