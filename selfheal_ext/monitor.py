@@ -246,9 +246,10 @@ class DriftMonitor:
                                  f"calibrated with {projection.shape[0]}")
             plan = self._sketch_plans.get(tap.name)
             if plan is None or plan[0].device != features.device:
-                plan = tuple(t.to(features.device) for t in sketch_plan(projection))
+                bucket, sign, dim = sketch_plan(projection)
+                plan = (bucket.to(features.device), sign.to(features.device), dim)
                 self._sketch_plans[tap.name] = plan
-            features = apply_sketch(features, plan[0], plan[1], projection.shape[1])
+            features = apply_sketch(features, plan)
         return features
 
     def _make_hook(self, tap: Tap):
@@ -688,7 +689,10 @@ class DriftMonitor:
         # Samples with a NaN/Inf: at least the worst feature's count (a bad
         # input usually poisons every feature of its row), and the bad logits.
         nonfinite = int(max(nonfinite_values, batch_stats[_STAT_NONFINITE]))
-        warming_up = window_samples < 0.75 * self.config["window"]
+        # The sliding window decides once full; the exponential one once its
+        # effective size (which only approaches `window`) is three quarters of it.
+        full = 1.0 if self.config["window_kind"] == "sliding" else 0.75
+        warming_up = window_samples < full * self.config["window"]
         reasons = []
         if not warming_up and score > self.window_threshold:
             reasons.append("window")

@@ -152,9 +152,12 @@ def sketch_plan(projection: torch.Tensor):
     nonzero = projection != 0
     if not torch.equal(nonzero.sum(dim=1), torch.ones(projection.shape[0], dtype=torch.long)):
         raise ValueError("selfheal: a tap projection must have exactly one non-zero per input feature")
-    return projection.abs().argmax(dim=1), projection.sum(dim=1)
+    return projection.abs().argmax(dim=1), projection.sum(dim=1), projection.shape[1]
 
 
-def apply_sketch(features: torch.Tensor, bucket: torch.Tensor, sign: torch.Tensor, dim: int) -> torch.Tensor:
-    """``features @ projection`` for a count sketch, in one pass."""
+def apply_sketch(features: torch.Tensor, plan) -> torch.Tensor:
+    """``features @ projection`` for a count sketch, as one signed
+    ``index_add_`` (measured faster than the dense product and than a gather
+    followed by a grouped sum)."""
+    bucket, sign, dim = plan
     return features.new_zeros(features.shape[0], dim).index_add_(1, bucket, features * sign)

@@ -240,3 +240,14 @@ def test_labels_calibrate_the_accuracy_estimate():
         accuracy = (model(x).argmax(1) == y).double().mean().item()
     monitor(x)
     assert monitor.last_report.batch_accuracy_estimate == pytest.approx(accuracy, abs=0.03)
+
+
+@pytest.mark.parametrize("features,dim", [(96, 16), (784, 64), (5, 4), (1024, 64)])
+def test_count_sketch_equals_the_dense_projection(features, dim):
+    from selfheal_ext.taps import apply_sketch, random_projection, sketch_plan
+    projection = random_projection(features, dim, seed=3)
+    x = torch.randn(7, features, dtype=torch.float64)
+    plan = sketch_plan(projection)
+    assert torch.allclose(apply_sketch(x, plan), x @ projection.double(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="exactly one non-zero"):
+        sketch_plan(projection * 0)
