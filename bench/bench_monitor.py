@@ -76,10 +76,12 @@ def small_mlp(seed=0):
     return nn.Sequential(nn.Linear(FEATURES, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
 
 
-def make_monitor(model, source, args, false_alarm_every, seed=0):
-    monitor = sh.DriftMonitor(model, window=args.window, false_alarm_every=false_alarm_every, seed=seed)
+def make_monitor(model, source, args, false_alarm_every, seed=0, window_kind="sliding", batch=None):
+    batch = batch or args.batch
+    monitor = sh.DriftMonitor(model, window=args.window, false_alarm_every=false_alarm_every, seed=seed,
+                              window_kind=window_kind)
     started = time.perf_counter()
-    report = monitor.calibrate([source.sample(args.batch) for _ in range(args.calibration // args.batch)])
+    report = monitor.calibrate([source.sample(batch) for _ in range(args.calibration // batch)])
     return monitor, report, time.perf_counter() - started
 
 
@@ -129,17 +131,18 @@ def false_alarms(args):
     model = small_mlp()
     # Each configured rate is measured over several calibrations (monitor seed
     # and calibration data differ), since the achieved rate varies with them.
-    for ert, batches, seeds in args.false_alarm_runs:
+    for ert, batches, seeds, window_kind, batch in args.false_alarm_runs:
         alarms, reasons, elapsed, calibration_s, per_seed = 0, {}, 0.0, [], []
         for seed in range(seeds):
             source = Source(seed)
-            monitor, calibration, seconds = make_monitor(model, source, args, ert, seed=seed)
+            monitor, calibration, seconds = make_monitor(model, source, args, ert, seed=seed,
+                                                         window_kind=window_kind, batch=batch)
             calibration_s.append(seconds)
             started = time.perf_counter()
             seed_alarms = 0
             with torch.no_grad():
                 for _ in range(batches):
-                    monitor(source.sample(args.batch))
+                    monitor(source.sample(batch))
                     if monitor.drift_detected:
                         seed_alarms += 1
                         for reason in monitor.last_report.reasons:
@@ -148,7 +151,8 @@ def false_alarms(args):
             alarms += seed_alarms
             per_seed.append(seed_alarms)
         total = batches * seeds
-        rows.append({"detector": "selfheal DriftMonitor", "configured_per_10k": 1e4 / ert, "batches": total,
+        rows.append({"detector": f"selfheal DriftMonitor ({window_kind}, batch {batch})",
+                     "configured_per_10k": 1e4 / ert, "batches": total,
                      "calibrations": seeds, "alarms": alarms, "alarms_per_calibration": per_seed,
                      "measured_per_10k": 1e4 * alarms / total, "reasons": reasons, "ratio": (alarms / total) * ert,
                      "calibration_s": statistics.median(calibration_s),
@@ -228,7 +232,9 @@ def main():
         torch.set_num_threads(args.threads)
     args.batch, args.window, args.calibration, args.ert = 64, 256, 8192, 10_000
     args.onset, args.horizon = 40, 20 if args.quick else 200
-    args.false_alarm_runs = [(100, 300, 1)] if args.quick else [(1_000, 10_000, 4), (10_000, 25_000, 4)]
+    args.false_alarm_runs = [(100, 300, 1, "sliding", 64)] if args.quick else [
+        (1_000, 10_000, 4, "sliding", 64), (10_000, 25_000, 4, "sliding", 64),
+        (1_000, 10_000, 4, "exponential", 64), (1_000, 10_000, 4, "sliding", 16)]
     args.baseline_clean_batches = 40 if args.quick else 1_000
     args.overhead_repeats = 5 if args.quick else 40
 
