@@ -142,3 +142,21 @@ def test_reference_fallback_checks_before_writing():
         reference.histogram_update_(counts, torch.zeros(3, dtype=torch.long), torch.randn(10, 4),
                                     torch.zeros(4), torch.ones(4))
     assert counts.sum() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_histogram_degenerate_edges_match_reference(device):
+    # Infinite, NaN and zero-width ranges: the kernels follow the reference's
+    # float64 rule (NaN positions land in bin 1, values >= hi overflow).
+    x = torch.tensor([[-5.0, 0.0, 1.0, 3.0], [0.5, 0.5, 0.5, 0.5], [1e30, -1e30, 2.0, 1.0]], device=device).t()
+    x = x.contiguous()
+    lo = torch.tensor([float("-inf"), float("nan"), 1.0], device=device)
+    hi = torch.tensor([0.0, 1.0, 1.0], device=device)
+    counts = torch.zeros(3, 6, dtype=torch.long, device=device)
+    bad = torch.zeros(3, dtype=torch.long, device=device)
+    ops.histogram_update_(counts, bad, x, lo, hi)
+    expected_counts = torch.zeros(3, 6, dtype=torch.long)
+    expected_bad = torch.zeros(3, dtype=torch.long)
+    reference.histogram_update_(expected_counts, expected_bad, x.cpu(), lo.cpu(), hi.cpu())
+    assert torch.equal(counts.cpu(), expected_counts)
+    assert torch.equal(bad.cpu(), expected_bad)

@@ -38,28 +38,57 @@ void histogram_update_cpu(at::Tensor& counts, at::Tensor& nonfinite,
   const int64_t tasks = std::min<int64_t>(
       (rows + grain - 1) / grain, std::max<int64_t>(1, at::get_num_threads()));
   std::vector<std::vector<int64_t>> private_counts(tasks);
-  std::vector<std::vector<int64_t>> private_nonfinite(tasks);
+
+  // Per-feature edges in float64, as histogram_column reads them.
+  std::vector<double> lo_d(features), hi_d(features), span_d(features);
+  for (int64_t f = 0; f < features; ++f) {
+    lo_d[f] = static_cast<double>(lo_data[f]);
+    hi_d[f] = static_cast<double>(hi_data[f]);
+    span_d[f] = hi_d[f] - lo_d[f];
+  }
+  const double bins_d = static_cast<double>(bins);
+  const double top = static_cast<double>(bins - 1);
+  const int32_t overflow = static_cast<int32_t>(bins + 1);
+  // One table per task: features * width bin cells, then one non-finite cell
+  // per feature, so every value is a single increment.
+  const int64_t cells_per_table = features * width + features;
+  TORCH_CHECK(cells_per_table < (int64_t{1} << 31),
+              "selfheal: histogram_update_ on the CPU supports at most 2^31 - 1 table cells "
+              "(features * (bins + 3)); got ", cells_per_table);
 
   SELFHEAL_DISPATCH_FLOAT_HALF_BF16(
       x.scalar_type(), "histogram_update_cpu", [&] {
         const scalar_t* data = x.data_ptr<scalar_t>();
         at::parallel_for(0, tasks, 1, [&](int64_t task_begin, int64_t task_end) {
+          std::vector<int32_t> cell(features);
           for (int64_t task = task_begin; task < task_end; ++task) {
             std::vector<int64_t>& table = private_counts[task];
-            std::vector<int64_t>& bad = private_nonfinite[task];
-            table.assign(features * width, 0);
-            bad.assign(features, 0);
+            table.assign(cells_per_table, 0);
             const int64_t row_begin = task * rows / tasks;
             const int64_t row_end = (task + 1) * rows / tasks;
+            int32_t* cell_data = cell.data();
             for (int64_t n = row_begin; n < row_end; ++n) {
               const scalar_t* row = data + n * row_stride;
+              // Pass 1 computes every value's cell without branches, so it
+              // vectorises; it is histogram_column written with selects (the
+              // same float64 arithmetic, so the same column on every value).
+              // Pass 2 increments. Mispredicted under/overflow branches and a
+              // scalar float64 division per value made the one-pass loop
+              // about 10 ns per value.
               for (int64_t f = 0; f < features; ++f) {
-                const float v = static_cast<float>(row[f * feature_stride]);
-                if (!std::isfinite(v)) {
-                  ++bad[f];
-                  continue;
-                }
-                ++table[f * width + histogram_column(v, lo_data[f], hi_data[f], bins)];
+                const double v = static_cast<double>(static_cast<float>(row[f * feature_stride]));
+                const bool finite = (v - v) == 0.0;  // false for NaN and +-Inf
+                const double position = (v - lo_d[f]) * bins_d / span_d[f];
+                const double clamped = position >= 0.0 ? position : 0.0;  // NaN edges -> bin 1
+                const int32_t inside = 1 + static_cast<int32_t>(clamped < top ? clamped : top);
+                const int32_t above = v >= hi_d[f] ? overflow : inside;
+                const int32_t column = v < lo_d[f] ? 0 : above;
+                cell_data[f] = finite ? static_cast<int32_t>(f * width) + column
+                                      : static_cast<int32_t>(features * width + f);
+              }
+              int64_t* table_data = table.data();
+              for (int64_t f = 0; f < features; ++f) {
+                ++table_data[cell_data[f]];
               }
             }
           }
@@ -70,10 +99,11 @@ void histogram_update_cpu(at::Tensor& counts, at::Tensor& nonfinite,
   int64_t* nonfinite_data = nonfinite.data_ptr<int64_t>();
   at::parallel_for(0, features, 64, [&](int64_t begin, int64_t end) {
     for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t* table = private_counts[task].data();
       for (int64_t f = begin; f < end; ++f) {
-        nonfinite_data[f] += private_nonfinite[task][f];
+        nonfinite_data[f] += table[features * width + f];
         for (int64_t b = 0; b < width; ++b) {
-          counts_data[f * width + b] += private_counts[task][f * width + b];
+          counts_data[f * width + b] += table[f * width + b];
         }
       }
     }
