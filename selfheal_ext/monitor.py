@@ -314,8 +314,23 @@ class DriftMonitor:
         (default: the median calibration batch) is the batch size the CUSUM
         threshold is computed for.
         """
+        previous = self.state_dict() if self.calibrated else None
+        try:
+            return self._calibrate(batches, labels_in_batches, batch_size)
+        except BaseException:
+            # A failed calibration leaves the monitor as it was: still
+            # watching with its old reference, or not calibrated at all.
+            if previous is not None:
+                self.load_state_dict(previous)
+            else:
+                self.calibrated = False
+                self._mode = "off"
+            raise
+
+    def _calibrate(self, batches, labels_in_batches, batch_size) -> CalibrationReport:
         config = self.config
         generator = torch.Generator().manual_seed(config["seed"] + 7919)
+        self.calibrated = False
         self._projections = {}
         self._sketch_plans = {}
         self._collected = {}

@@ -52,6 +52,16 @@ def test_default_taps_mlp_and_cnn():
         sh.DriftMonitor(_mlp(), taps=["nope"])
 
 
+def test_failed_recalibration_keeps_the_old_reference():
+    monitor, _ = _calibrated()
+    twin, _ = _calibrated()
+    with pytest.raises(ValueError, match="at least 256"):
+        monitor.calibrate(_stream(2, 10, seed=0))
+    for x in _stream(3, 32, seed=15):
+        a, b = monitor(x), twin(x)
+        assert monitor.last_report.score == twin.last_report.score
+
+
 def test_calibration_refuses_too_little_data():
     monitor = sh.DriftMonitor(_mlp(), window=64)
     with pytest.raises(ValueError, match=r"at least 256 healthy samples .*got 100"):

@@ -49,6 +49,9 @@ def _worker(rank, init_file, out_dir):
         counts = monitor._window.totals()[0].clone()
         torch.save({"records": records, "counts": counts, "lo": monitor.lo},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        # Nobody tears the group down while the other rank still uses it
+        # (gloo aborts a process whose peer closed the connection first).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
