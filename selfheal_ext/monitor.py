@@ -594,7 +594,11 @@ class DriftMonitor:
         self.cusum = [0.0, 0.0]
         self.batches_seen = 0
         self.alarms = 0
-        self._window_counts: Optional[torch.Tensor] = None
+        # The reference in the window's count dtype (int64 sliding, float64
+        # exponential), converted once rather than every batch.
+        self._window_reference = self.reference_counts.to(
+            torch.int64 if self.config["window_kind"] == "sliding" else torch.float64)
+        self._window_divergence: Optional[torch.Tensor] = None
         self._mode = "monitor"
         self._rows_seen = {}
 
@@ -661,8 +665,8 @@ class DriftMonitor:
         self._window.add(self._batch_ints, stats, samples)
         totals, window_stats, window_samples = self._window.totals()
         features, bins = self.reference_counts.shape
-        self._window_counts = totals[: features * bins].view(features, bins)
-        divergence = self._divergence(self._window_counts, self.reference_counts.to(totals.dtype))
+        divergence = self._divergence(totals[: features * bins].view(features, bins), self._window_reference)
+        self._window_divergence = divergence
         layer_divergence = divergence.double() @ self._layer_mean
         surprise = self._batch_counts.reshape(1, -1).double() @ self._surprise_matrix
         packed = torch.cat([
@@ -682,7 +686,7 @@ class DriftMonitor:
         surprise = packed[layers + 2 * _STATS: 2 * layers + 2 * _STATS]
         nonfinite_values = packed[-1]
 
-        raw = [value for value in _scaled_divergence_values(layer_divergence, window_samples, self.config["window"])]
+        raw = _scaled_divergence_values(layer_divergence, window_samples, self.config["window"])
         raw.extend(self._entropy_signals(window_stats[_STAT_ENTROPY], window_stats[_STAT_TAIL],
                                          window_stats[_STAT_FINITE], window_samples))
         z = self._standardise_values(raw)
@@ -752,16 +756,16 @@ class DriftMonitor:
         return limit
 
     def attribution(self, report: Optional[DriftReport] = None, top: int = 5) -> Attribution:
-        """Each signal's share of the drift score and the most divergent
-        features of every tapped layer, for ``report`` (default: the last one)."""
+        """Each signal's share of ``report``'s drift score (default: the last
+        report) and the most divergent features of every tapped layer in the
+        current window (the divergences the last batch's decision used)."""
         report = report or self.last_report
         if report is None:
             raise RuntimeError("selfheal: no batch has been monitored yet")
         positive = {name: max(value, 0.0) for name, value in report.signals.items()}
         total = sum(positive.values())
         shares = {name: (value / total if total > 0 else 0.0) for name, value in positive.items()}
-        counts = self._window_counts
-        divergence = self._divergence(counts, self.reference_counts.to(counts.dtype)).cpu()
+        divergence = self._window_divergence.cpu()
         features = {}
         for name in self.tap_names:
             start, stop = self._slices[name]
