@@ -153,16 +153,23 @@ def extension():
     sources += sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     cxx_flags = ["-O3", "-Wno-psabi"]
+    link_flags = []
+    # at::parallel_for is header code that runs serially unless the extension
+    # itself is compiled with OpenMP; linking -fopenmp names libgomp.so.1, which
+    # resolves to the copy torch has already loaded (one OpenMP runtime).
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     if CUDA is None:
         return CppExtension(
             "selfheal_ext._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags},
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
         )
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     include_dirs += nvidia_wheel_dirs("include")
     return CUDAExtension(
         "selfheal_ext._C", sources, include_dirs=include_dirs,
-        library_dirs=nvidia_wheel_dirs("lib"),
+        library_dirs=nvidia_wheel_dirs("lib"), extra_link_args=link_flags,
         extra_compile_args={
             "cxx": cxx_flags + ["-DSELFHEAL_WITH_CUDA"],
             "nvcc": ["-O3", "-lineinfo", "-DSELFHEAL_WITH_CUDA"],

@@ -202,12 +202,13 @@ void check_softmax_entropy_backward(const at::Tensor& grad_entropy,
   }
 }
 
-void check_histogram_update(const at::Tensor& counts,
-                            const at::Tensor& nonfinite, const at::Tensor& x,
-                            const at::Tensor& lo, const at::Tensor& hi) {
-  check_float_input(x, "x");
-  SELFHEAL_CHECK_ARG(x.dim() == 2, "x", "2-D [N, F]", describe(x));
-  const int64_t features = x.size(1);
+namespace {
+
+// counts [features, bins + 2] int64, nonfinite [features] int64, lo/hi
+// [features] float32, all on x's device.
+void check_count_tables(const at::Tensor& counts, const at::Tensor& nonfinite,
+                        const at::Tensor& x, const at::Tensor& lo,
+                        const at::Tensor& hi, int64_t features) {
   std::ostringstream counts_expected;
   counts_expected << "an int64 tensor of shape [" << features
                   << ", bins + 2] with bins >= 1";
@@ -234,6 +235,41 @@ void check_histogram_update(const at::Tensor& counts,
                        name, edge_expected.str(), describe(t));
     check_same_device(t, name, x, "x");
   }
+}
+
+}  // namespace
+
+void check_histogram_update(const at::Tensor& counts,
+                            const at::Tensor& nonfinite, const at::Tensor& x,
+                            const at::Tensor& lo, const at::Tensor& hi) {
+  check_float_input(x, "x");
+  SELFHEAL_CHECK_ARG(x.dim() == 2, "x", "2-D [N, F]", describe(x));
+  check_count_tables(counts, nonfinite, x, lo, hi, x.size(1));
+}
+
+void check_sketch_histogram_update(const at::Tensor& counts,
+                                   const at::Tensor& nonfinite,
+                                   const at::Tensor& x,
+                                   const at::Tensor& bucket,
+                                   const at::Tensor& weight,
+                                   const at::Tensor& lo, const at::Tensor& hi) {
+  check_float_input(x, "x");
+  SELFHEAL_CHECK_ARG(x.dim() == 2, "x", "2-D [N, D]", describe(x));
+  const int64_t width = x.size(1);
+  std::ostringstream bucket_expected, weight_expected;
+  bucket_expected << "an int64 tensor of shape [" << width << "]";
+  weight_expected << "a float32 tensor of shape [" << width << "]";
+  SELFHEAL_CHECK_ARG(bucket.scalar_type() == at::kLong && bucket.dim() == 1 &&
+                         bucket.size(0) == width,
+                     "bucket", bucket_expected.str(), describe(bucket));
+  check_same_device(bucket, "bucket", x, "x");
+  SELFHEAL_CHECK_ARG(weight.scalar_type() == at::kFloat && weight.dim() == 1 &&
+                         weight.size(0) == width,
+                     "weight", weight_expected.str(), describe(weight));
+  check_same_device(weight, "weight", x, "x");
+  SELFHEAL_CHECK_ARG(counts.dim() == 2 && counts.size(0) >= 1, "counts",
+                     "a 2-D tensor [F, bins + 2] with F >= 1", describe(counts));
+  check_count_tables(counts, nonfinite, x, lo, hi, counts.size(0));
 }
 
 void check_divergence(const at::Tensor& p_counts, const at::Tensor& q_counts,

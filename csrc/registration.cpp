@@ -24,6 +24,9 @@ TORCH_LIBRARY(selfheal, m) {
       "histogram_update_(Tensor(a!) counts, Tensor(b!) nonfinite, Tensor x, "
       "Tensor lo, Tensor hi) -> ()");
   m.def(
+      "sketch_histogram_update_(Tensor(a!) counts, Tensor(b!) nonfinite, "
+      "Tensor x, Tensor bucket, Tensor weight, Tensor lo, Tensor hi) -> ()");
+  m.def(
       "kl_divergence(Tensor p_counts, Tensor q_counts, float pseudo_count) "
       "-> Tensor");
   m.def(
@@ -37,6 +40,7 @@ TORCH_LIBRARY_IMPL(selfheal, CPU, m) {
   m.impl("softmax_entropy", &selfheal::softmax_entropy_cpu);
   m.impl("softmax_entropy_backward", &selfheal::softmax_entropy_backward_cpu);
   m.impl("histogram_update_", &selfheal::histogram_update_cpu);
+  m.impl("sketch_histogram_update_", &selfheal::sketch_histogram_update_cpu);
   m.impl("kl_divergence", &selfheal::kl_divergence_cpu);
   m.impl("js_divergence", &selfheal::js_divergence_cpu);
 }
@@ -48,6 +52,7 @@ TORCH_LIBRARY_IMPL(selfheal, CUDA, m) {
   m.impl("softmax_entropy", &selfheal::softmax_entropy_cuda);
   m.impl("softmax_entropy_backward", &selfheal::softmax_entropy_backward_cuda);
   m.impl("histogram_update_", &selfheal::histogram_update_cuda);
+  m.impl("sketch_histogram_update_", &selfheal::sketch_histogram_update_cuda);
   m.impl("kl_divergence", &selfheal::kl_divergence_cuda);
   m.impl("js_divergence", &selfheal::js_divergence_cuda);
 }

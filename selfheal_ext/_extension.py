@@ -19,6 +19,7 @@ OP_NAMES = (
     "softmax_entropy",
     "softmax_entropy_backward",
     "histogram_update_",
+    "sketch_histogram_update_",
     "kl_divergence",
     "js_divergence",
 )

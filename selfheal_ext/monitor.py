@@ -229,28 +229,29 @@ class DriftMonitor:
         finally:
             self._paused -= 1
 
-    def _tap_features(self, tap: Tap, value: torch.Tensor) -> torch.Tensor:
-        features = pool_features(value.detach(), tap.channels_first).float()
+    def _sketch_plan(self, tap: Tap, width: int):
+        """The tap's count-sketch plan ``(bucket, sign, dim)`` on the monitor's
+        device, or None when the tap is narrow enough to bin as it is."""
         if tap.name not in self._projections:
             if self._mode != "collect":
                 raise RuntimeError(f"selfheal: tap {tap.name!r} has no calibrated projection state")
-            width = features.shape[1]
             wide = width > self.config["max_features"]
             self._projections[tap.name] = (
                 random_projection(width, self.config["max_features"], self.config["seed"] + len(self._projections))
                 if wide else None)
         projection = self._projections[tap.name]
-        if projection is not None:
-            if features.shape[1] != projection.shape[0]:
-                raise ValueError(f"selfheal: tap {tap.name!r} saw {features.shape[1]} features, "
-                                 f"calibrated with {projection.shape[0]}")
-            plan = self._sketch_plans.get(tap.name)
-            if plan is None or plan[0].device != features.device:
-                bucket, sign, dim = sketch_plan(projection)
-                plan = (bucket.to(features.device), sign.to(features.device), dim)
-                self._sketch_plans[tap.name] = plan
-            features = apply_sketch(features, plan)
-        return features
+        if projection is None:
+            return None
+        if width != projection.shape[0]:
+            raise ValueError(f"selfheal: tap {tap.name!r} saw {width} features, "
+                             f"calibrated with {projection.shape[0]}")
+        plan = self._sketch_plans.get(tap.name)
+        device = self.device if self._mode != "collect" else projection.device
+        if plan is None or plan[0].device != device:
+            bucket, sign, dim = sketch_plan(projection)
+            plan = (bucket.to(device), sign.to(device), dim)
+            self._sketch_plans[tap.name] = plan
+        return plan
 
     def _make_hook(self, tap: Tap):
         def hook(module, args):
@@ -260,23 +261,36 @@ class DriftMonitor:
             if value is None:
                 raise TypeError(f"selfheal: tapped module {tap.name!r} was called without a tensor argument")
             with torch.no_grad():
-                features = self._tap_features(tap, value)
+                features = pool_features(value.detach(), tap.channels_first)
+                if not features.is_floating_point() or features.dtype == torch.float64:
+                    features = features.float()
+                plan = self._sketch_plan(tap, features.shape[1])
                 if self._mode == "collect":
-                    self._collected.setdefault(tap.name, []).append(features.cpu())
+                    features = features.float().cpu()
+                    if plan is not None:
+                        features = apply_sketch(features, (plan[0].cpu(), plan[1].cpu(), plan[2]))
+                    self._collected.setdefault(tap.name, []).append(features)
                 else:
-                    self._count(tap.name, features)
+                    self._count(tap.name, features, plan)
             self._rows_seen[tap.name] = self._rows_seen.get(tap.name, 0) + features.shape[0]
             return None
         return hook
 
-    def _count(self, name: str, features: torch.Tensor) -> None:
+    def _count(self, name: str, features: torch.Tensor, plan) -> None:
+        """Bins one batch of a tap's features (sketched in the same pass when
+        the tap is wide) into the batch tables."""
         features = features.to(self.device)
         start, stop = self._slices[name]
-        if features.shape[1] != stop - start:
+        width = plan[2] if plan is not None else features.shape[1]
+        if width != stop - start:
             raise ValueError(f"selfheal: tap {name!r} saw {features.shape[1]} features, "
                              f"calibrated with {stop - start}")
-        ops.histogram_update_(self._batch_counts[start:stop], self._batch_nonfinite[start:stop],
-                              features, self.lo[start:stop], self.hi[start:stop])
+        counts, nonfinite = self._batch_counts[start:stop], self._batch_nonfinite[start:stop]
+        if plan is None:
+            ops.histogram_update_(counts, nonfinite, features, self.lo[start:stop], self.hi[start:stop])
+        else:
+            ops.sketch_histogram_update_(counts, nonfinite, features, plan[0], plan[1],
+                                         self.lo[start:stop], self.hi[start:stop])
 
     def _logits(self, output) -> torch.Tensor:
         logits = self.logits_fn(output) if self.logits_fn is not None else output

@@ -21,6 +21,7 @@ __all__ = [
     "adapter",
     "softmax_entropy",
     "histogram_update_",
+    "sketch_histogram_update_",
     "kl_divergence",
     "js_divergence",
 ]
@@ -118,6 +119,40 @@ def histogram_update_(
     torch.ops.selfheal.histogram_update_(counts, nonfinite, x, lo, hi)
 
 
+def sketch_histogram_update_(
+    counts: torch.Tensor,
+    nonfinite: torch.Tensor,
+    x: torch.Tensor,
+    bucket: torch.Tensor,
+    weight: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+) -> None:
+    """Count-sketches each row of ``x [N, D]`` to ``F`` values and bins them, in place.
+
+    Value ``j`` of a row is ``sum(weight[d] * x[n, d] for d with bucket[d] == j)``
+    (float64 accumulation in input order, rounded to float32); those values are
+    then counted exactly as ``histogram_update_`` counts the columns of an
+    ``[N, F]`` tensor, with ``F = counts.shape[0]``. ``bucket`` is int64 ``[D]``
+    with values in ``[0, F)``, ``weight`` float32 ``[D]`` (±1 for a count
+    sketch). One pass over ``x`` with no ``[N, F]`` intermediate on the CPU; on
+    CUDA the sketch is two ATen kernels followed by the fused histogram.
+    A NaN/Inf input makes its bucket's value non-finite for that row.
+
+    >>> import torch, selfheal_ext as sh
+    >>> counts, bad = torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    >>> x = torch.tensor([[0.25, 0.5], [1.0, -1.0]])  # sums 0.75 and 0.0
+    >>> bucket, weight = torch.zeros(2, dtype=torch.long), torch.ones(2)
+    >>> sh.ops.sketch_histogram_update_(counts, bad, x, bucket, weight, torch.zeros(1), torch.ones(1))
+    >>> counts.tolist()
+    [[0, 1, 1, 0]]
+    """
+    if not has_kernel("sketch_histogram_update_", x.device.type):
+        reference.sketch_histogram_update_(counts, nonfinite, x, bucket, weight, lo, hi)
+        return
+    torch.ops.selfheal.sketch_histogram_update_(counts, nonfinite, x, bucket, weight, lo, hi)
+
+
 def kl_divergence(
     p_counts: torch.Tensor, q_counts: torch.Tensor, pseudo_count: float = 0.5
 ) -> torch.Tensor:
@@ -191,6 +226,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("selfheal::histogram_update_")
     def _(counts, nonfinite, x, lo, hi):
+        return None
+
+    @torch.library.register_fake("selfheal::sketch_histogram_update_")
+    def _(counts, nonfinite, x, bucket, weight, lo, hi):
         return None
 
     @torch.library.register_fake("selfheal::kl_divergence")

@@ -122,6 +122,45 @@ def histogram_update_(
     nonfinite.add_((~finite).sum(dim=0))
 
 
+def sketch(x: torch.Tensor, bucket: torch.Tensor, weight: torch.Tensor, features: int) -> torch.Tensor:
+    """Count sketch ``[N, features]`` of ``x [N, D]``: value ``j`` of a row is
+    ``sum(weight[d] * x[d] for d with bucket[d] == j)``, accumulated in float64
+    and rounded to float32 (the values ``sketch_histogram_update_`` bins)."""
+    terms = x.float().double() * weight.double()
+    return terms.new_zeros(x.shape[0], features).index_add_(1, bucket, terms).float()
+
+
+def sketch_histogram_update_(
+    counts: torch.Tensor,
+    nonfinite: torch.Tensor,
+    x: torch.Tensor,
+    bucket: torch.Tensor,
+    weight: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+) -> None:
+    """``histogram_update_(counts, nonfinite, sketch(x, bucket, weight, F), lo, hi)``
+    with ``F = counts.shape[0]``."""
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"selfheal: argument 'x' must be a 2-D floating tensor [N, D], got {x.dtype} {tuple(x.shape)}")
+    width = x.shape[1]
+    if bucket.dtype != torch.int64 or tuple(bucket.shape) != (width,):
+        raise ValueError(f"selfheal: argument 'bucket' must be an int64 tensor of shape [{width}], "
+                         f"got {bucket.dtype} {tuple(bucket.shape)}")
+    if weight.dtype != torch.float32 or tuple(weight.shape) != (width,):
+        raise ValueError(f"selfheal: argument 'weight' must be a float32 tensor of shape [{width}], "
+                         f"got {weight.dtype} {tuple(weight.shape)}")
+    if counts.dim() != 2 or counts.shape[0] < 1:
+        raise ValueError(f"selfheal: argument 'counts' must be a 2-D tensor [F, bins + 2] with F >= 1, "
+                         f"got {counts.dtype} {tuple(counts.shape)}")
+    features = counts.shape[0]
+    if width and (int(bucket.min()) < 0 or int(bucket.max()) >= features):
+        raise ValueError(f"selfheal: argument 'bucket' must hold values in [0, {features}), "
+                         f"got values in [{int(bucket.min())}, {int(bucket.max())}]")
+    values = sketch(x, bucket, weight, features)
+    histogram_update_(counts, nonfinite, values, lo, hi)
+
+
 def _check_histogram_args(counts, nonfinite, x, lo, hi):
     """The kernels' argument checks, so the fallback never writes half an update."""
     if x.dim() != 2 or not x.is_floating_point():

@@ -15,6 +15,8 @@ from typing import Iterable, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from . import reference
+
 _CHANNELS_FIRST_TYPES = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d,
     nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -156,8 +158,7 @@ def sketch_plan(projection: torch.Tensor):
 
 
 def apply_sketch(features: torch.Tensor, plan) -> torch.Tensor:
-    """``features @ projection`` for a count sketch, as one signed
-    ``index_add_`` (measured faster than the dense product and than a gather
-    followed by a grouped sum)."""
+    """``features @ projection`` for a count sketch (float64 sums rounded to
+    float32): the values ``ops.sketch_histogram_update_`` bins in one pass."""
     bucket, sign, dim = plan
-    return features.new_zeros(features.shape[0], dim).index_add_(1, bucket, features * sign)
+    return reference.sketch(features, bucket, sign, dim)

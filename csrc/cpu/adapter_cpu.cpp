@@ -15,6 +15,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <vector>
@@ -182,8 +183,13 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_forward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
+        // at::parallel_for does not carry thread-local state to its workers:
+        // without this the ATen calls below would see the autograd and
+        // autocast keys this kernel runs beneath.
+        const at::ThreadLocalState caller_state;
         at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1,
                          [&](int64_t begin, int64_t end) {
+          const at::ThreadLocalStateGuard state_guard(caller_state);
           for (int64_t t = begin; t < end; ++t) {
             const Tile& tile = tiles[t];
             at::Tensor hidden_tile = hidden.narrow(
@@ -270,7 +276,9 @@ adapter_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_backward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
+        const at::ThreadLocalState caller_state;  // see adapter_forward_cpu
         at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+          const at::ThreadLocalStateGuard state_guard(caller_state);
           for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
             at::Tensor chunk_g = part_g[chunk];
             at::Tensor chunk_down = part_down[chunk];

@@ -221,4 +221,22 @@ void histogram_update_cuda(at::Tensor& counts, at::Tensor& nonfinite,
       });
 }
 
+// The count sketch as two ATen kernels (float64 accumulation in input order
+// within each bucket, as the CPU kernel and reference.sketch compute it), then
+// the fused histogram. Bucket values out of [0, F) trip index_add_'s device
+// assert rather than a host check, which would need a synchronisation.
+void sketch_histogram_update_cuda(at::Tensor& counts, at::Tensor& nonfinite,
+                                  const at::Tensor& x, const at::Tensor& bucket,
+                                  const at::Tensor& weight,
+                                  const at::Tensor& lo, const at::Tensor& hi) {
+  check_sketch_histogram_update(counts, nonfinite, x, bucket, weight, lo, hi);
+  SELFHEAL_NO_AUTOCAST;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor sketch =
+      at::zeros({x.size(0), counts.size(0)}, x.options().dtype(at::kDouble))
+          .index_add_(1, bucket, x.to(at::kFloat).to(at::kDouble) * weight.to(at::kDouble))
+          .to(at::kFloat);
+  histogram_update_cuda(counts, nonfinite, sketch, lo, hi);
+}
+
 }  // namespace selfheal

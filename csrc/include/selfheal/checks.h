@@ -69,6 +69,16 @@ void check_histogram_update(const at::Tensor& counts,
                             const at::Tensor& nonfinite, const at::Tensor& x,
                             const at::Tensor& lo, const at::Tensor& hi);
 
+// sketch_histogram_update_: x [N, D], bucket int64 [D], weight float32 [D];
+// counts [F, bins + 2], nonfinite/lo/hi [F] as for histogram_update_ with F
+// the sketch width. Bucket values are range-checked by the kernels.
+void check_sketch_histogram_update(const at::Tensor& counts,
+                                   const at::Tensor& nonfinite,
+                                   const at::Tensor& x,
+                                   const at::Tensor& bucket,
+                                   const at::Tensor& weight,
+                                   const at::Tensor& lo, const at::Tensor& hi);
+
 void check_divergence(const at::Tensor& p_counts, const at::Tensor& q_counts,
                       double pseudo_count, bool pseudo_count_may_be_zero);
 

@@ -48,6 +48,10 @@ at::Tensor softmax_entropy_backward_cpu(const at::Tensor& grad_entropy,
 void histogram_update_cpu(at::Tensor& counts, at::Tensor& nonfinite,
                           const at::Tensor& x, const at::Tensor& lo,
                           const at::Tensor& hi);
+void sketch_histogram_update_cpu(at::Tensor& counts, at::Tensor& nonfinite,
+                                 const at::Tensor& x, const at::Tensor& bucket,
+                                 const at::Tensor& weight, const at::Tensor& lo,
+                                 const at::Tensor& hi);
 
 // ---- divergences -----------------------------------------------------------
 at::Tensor kl_divergence_cpu(const at::Tensor& p_counts,
@@ -79,6 +83,10 @@ at::Tensor softmax_entropy_backward_cuda(const at::Tensor& grad_entropy,
 void histogram_update_cuda(at::Tensor& counts, at::Tensor& nonfinite,
                            const at::Tensor& x, const at::Tensor& lo,
                            const at::Tensor& hi);
+void sketch_histogram_update_cuda(at::Tensor& counts, at::Tensor& nonfinite,
+                                  const at::Tensor& x, const at::Tensor& bucket,
+                                  const at::Tensor& weight,
+                                  const at::Tensor& lo, const at::Tensor& hi);
 at::Tensor kl_divergence_cuda(const at::Tensor& p_counts,
                               const at::Tensor& q_counts, double pseudo_count);
 at::Tensor js_divergence_cuda(const at::Tensor& p_counts,
