@@ -2,13 +2,17 @@
 online with small adapters, without labels.
 
 This release holds the compiled core (the fused ops in ``selfheal_ext.ops`` and
-their pure-PyTorch definitions in ``selfheal_ext.reference``) and the drift
-monitor ``DriftMonitor``.
+their pure-PyTorch definitions in ``selfheal_ext.reference``), the drift
+monitor ``DriftMonitor``, dormant adapters (``selfheal_ext.adapters``) and
+``SelfHealer``, which serves a model and heals it online.
 """
 
 from . import ops, reference
 from ._extension import build_info
+from .adapters import AdapterSet, attach_adapters
+from .healer import HealEvent, SelfHealer
 from .monitor import Attribution, CalibrationReport, DriftMonitor, DriftReport
 
-__all__ = ["ops", "reference", "build_info", "DriftMonitor", "DriftReport", "CalibrationReport", "Attribution"]
+__all__ = ["ops", "reference", "build_info", "DriftMonitor", "DriftReport", "CalibrationReport", "Attribution",
+           "SelfHealer", "HealEvent", "AdapterSet", "attach_adapters"]
 __version__ = "0.1.0"

@@ -201,6 +201,10 @@ class DriftMonitor:
         self.calibration: Optional[CalibrationReport] = None
         self._mode = "off"
         self._paused = 0
+        # explicit: the taps count only inside watching() (an owner such as
+        # SelfHealer decides which model calls are served batches).
+        self.explicit = False
+        self._watching = 0
         self._projections: Dict[str, Optional[torch.Tensor]] = {}
         self._sketch_plans: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._collected: Dict[str, List[torch.Tensor]] = {}
@@ -229,6 +233,16 @@ class DriftMonitor:
         finally:
             self._paused -= 1
 
+    @contextlib.contextmanager
+    def watching(self):
+        """With ``explicit = True``, the model calls inside this block are the
+        ones the taps count (outside it they are ignored)."""
+        self._watching += 1
+        try:
+            yield self
+        finally:
+            self._watching -= 1
+
     def _sketch_plan(self, tap: Tap, width: int):
         """The tap's count-sketch plan ``(bucket, sign, dim)`` on the monitor's
         device, or None when the tap is narrow enough to bin as it is."""
@@ -255,7 +269,8 @@ class DriftMonitor:
 
     def _make_hook(self, tap: Tap):
         def hook(module, args):
-            if self._mode == "off" or self._paused:
+            if self._mode == "off" or self._paused or (
+                    self._mode == "monitor" and self.explicit and not self._watching):
                 return None
             value = first_tensor(args)
             if value is None:

@@ -1,0 +1,367 @@
+"""Dormant adapters: small modules attached to an existing model by forward
+hooks, exactly the identity until activated.
+
+Three kinds:
+
+* ``BottleneckAdapter`` — low-rank residual branch ``y = x + up(act(down(x)))``
+  on a layer's output, computed by the fused adapter op (``ops.adapter``);
+  channels-last ``[..., C]`` outputs (Linear, attention/MLP blocks) and
+  channels-first ``[N, C, *spatial]`` maps (Conv1d/2d) without a permute.
+* ``AffineAdapter`` — per-channel ``y = x * (1 + gamma) + beta``; on
+  normalisation layers it adapts their affine parameters (as TENT does).
+* ``NormStatsAdapter`` — BatchNorm statistics adaptation: the layer normalises
+  with a mixture of its source running statistics and test statistics (a
+  source prior that works at batch size 1), or with slowly updated test
+  statistics when batches are not diverse enough to trust (RoTTA's robust BN).
+
+The model itself is never modified: adapters live in an ``AdapterSet`` and act
+through hooks that return ``None`` (the output untouched, bit for bit) while
+dormant. ``AdapterSet.remove()`` takes the hooks away.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from . import ops
+
+ADAPTER_KINDS = ("bottleneck", "affine", "norm")
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_LINEAR_LIKE = (nn.Linear,)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _channels_first(module: nn.Module) -> bool:
+    return isinstance(module, _CONVS) or isinstance(module, _BATCH_NORMS) or isinstance(module, nn.GroupNorm)
+
+
+def _out_channels(module: nn.Module) -> Optional[int]:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, _CONVS):
+        return module.out_channels
+    if isinstance(module, _BATCH_NORMS):
+        return module.num_features
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
+    if isinstance(module, nn.LayerNorm):
+        shape = module.normalized_shape
+        return shape[-1] if len(shape) == 1 else None
+    return None
+
+
+class BottleneckAdapter(nn.Module):
+    """``y = x + up(act(down(x) + bias))`` over the channel dimension, fused.
+
+    ``up`` starts at zero, so an activated, untrained adapter is still the
+    identity; ``down`` is drawn with a fixed seed at ``1/sqrt(C)`` scale.
+    """
+
+    def __init__(self, channels: int, rank: int, channels_first: bool, activation: str = "gelu",
+                 seed: int = 0):
+        super().__init__()
+        if not 1 <= rank <= 256:
+            raise ValueError(f"selfheal: adapter rank must be in [1, 256], got {rank}")
+        generator = torch.Generator().manual_seed(seed)
+        self.down = nn.Parameter(torch.randn(rank, channels, generator=generator) / math.sqrt(channels))
+        self.bias = nn.Parameter(torch.zeros(rank))
+        self.up = nn.Parameter(torch.zeros(channels, rank))
+        self.channels_first = channels_first
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        down, bias, up = (p.to(dtype) if p.dtype != dtype else p for p in (self.down, self.bias, self.up))
+        return ops.adapter(x, down, up, down_bias=bias, activation=self.activation,
+                           channels_first=self.channels_first and x.dim() > 2)
+
+
+class AffineAdapter(nn.Module):
+    """``y = x * (1 + gamma) + beta`` per channel (zero-initialised)."""
+
+    def __init__(self, channels: int, channels_first: bool):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(channels))
+        self.beta = nn.Parameter(torch.zeros(channels))
+        self.channels_first = channels_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        axis = 1 if (self.channels_first and x.dim() > 1) else x.dim() - 1
+        shape[axis] = -1
+        gamma = self.gamma.to(x.dtype).view(shape)
+        beta = self.beta.to(x.dtype).view(shape)
+        return torch.addcmul(x + beta, x, gamma)
+
+
+class NormStatsAdapter(nn.Module):
+    """Test-time statistics for a BatchNorm layer, with a source prior.
+
+    Active, the layer normalises with ``w * batch + (1 - w) * source`` where
+    ``w = n / (n + prior)`` for a batch of ``n`` samples (so a batch of one
+    sample moves the statistics only a little), or — when the healer
+    says the batch is not diverse enough to trust (one class, label-ordered
+    streams) — with ``running`` statistics updated slowly (momentum
+    ``robust_momentum``) from the batches seen, as RoTTA's robust BN does.
+    The source statistics are a copy taken at attach time; the layer's own
+    buffers are never written.
+    """
+
+    def __init__(self, norm: nn.Module, prior: float = 16.0, robust_momentum: float = 0.05):
+        super().__init__()
+        if not isinstance(norm, _BATCH_NORMS) or norm.running_mean is None:
+            raise TypeError("selfheal: NormStatsAdapter needs a BatchNorm layer with running statistics")
+        self.prior = float(prior)
+        self.robust_momentum = float(robust_momentum)
+        self.register_buffer("source_mean", norm.running_mean.detach().clone().float())
+        self.register_buffer("source_var", norm.running_var.detach().clone().float())
+        self.register_buffer("running_mean", self.source_mean.clone())
+        self.register_buffer("running_var", self.source_var.clone())
+        self.robust = False  # set by the healer per batch
+        self.update_running = True  # False during re-forwards of the same batch
+
+    def reset_running(self) -> None:
+        self.running_mean.copy_(self.source_mean)
+        self.running_var.copy_(self.source_var)
+
+    def statistics(self, x: torch.Tensor):
+        """Mean and variance per channel for input ``x [N, C, *]`` of the layer."""
+        dims = [0] + list(range(2, x.dim()))
+        values = x.detach().float() if not torch.is_grad_enabled() else x.float()
+        finite = torch.isfinite(values).all()
+        # The prior is in samples: the values of one sample's feature map are
+        # correlated, so a single image must not outweigh the source.
+        count = values.shape[0]
+        batch_mean = values.mean(dim=dims)
+        batch_var = values.var(dim=dims, unbiased=False)
+        if self.update_running and bool(finite):
+            with torch.no_grad():
+                m = self.robust_momentum
+                self.running_mean.mul_(1 - m).add_(batch_mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(batch_var.detach(), alpha=m)
+        if self.robust or not bool(finite):
+            return self.running_mean, self.running_var
+        weight = count / (count + self.prior)
+        mean = weight * batch_mean + (1 - weight) * self.source_mean
+        # total variance of the mixture: within + between components
+        var = (weight * batch_var + (1 - weight) * self.source_var
+               + weight * (1 - weight) * (batch_mean - self.source_mean) ** 2)
+        return mean, var
+
+    def normalise(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        mean, var = self.statistics(x)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        y = (x.float() - mean.view(shape)) * torch.rsqrt(var.view(shape) + norm.eps)
+        if norm.weight is not None:
+            y = y * norm.weight.float().view(shape) + norm.bias.float().view(shape)
+        return y.to(x.dtype)
+
+
+@dataclass
+class Placement:
+    """Where one adapter sits: on the output of module ``target``."""
+    target: str
+    kind: str
+    channels: int
+    channels_first: bool
+    rank: int = 0
+    parameters: int = 0
+
+
+class AdapterSet(nn.Module):
+    """The adapters attached to one model, their hooks and their state.
+
+    ``active`` switches all of them at once; dormant, every hook returns
+    ``None`` and the model's outputs are bit-identical to the original's.
+    """
+
+    def __init__(self, model: nn.Module, placements: Sequence[Placement], activation: str = "gelu",
+                 norm_prior: float = 16.0, seed: int = 0):
+        super().__init__()
+        named = dict(model.named_modules())
+        self.placements = list(placements)
+        self.modules_by_key = nn.ModuleDict()
+        self._handles = []
+        self.active = False
+        self.model_parameters = sum(p.numel() for p in model.parameters())
+        for index, placement in enumerate(self.placements):
+            module = named.get(placement.target)
+            if module is None:
+                raise ValueError(f"selfheal: no module named {placement.target!r} in the model")
+            key = _key(placement)
+            if placement.kind == "bottleneck":
+                adapter = BottleneckAdapter(placement.channels, placement.rank, placement.channels_first,
+                                            activation, seed=seed + index)
+            elif placement.kind == "affine":
+                adapter = AffineAdapter(placement.channels, placement.channels_first)
+            elif placement.kind == "norm":
+                adapter = NormStatsAdapter(module, prior=norm_prior)
+            else:
+                raise ValueError(f"selfheal: adapter kind must be one of {ADAPTER_KINDS}, got {placement.kind!r}")
+            placement.parameters = sum(p.numel() for p in adapter.parameters())
+            self.modules_by_key[key] = adapter
+            self._handles.append(module.register_forward_hook(self._make_hook(placement, adapter, module)))
+        # Parameters and buffers follow the model's device and dtype.
+        reference = next(iter(model.parameters()), None)
+        if reference is not None:
+            self.to(device=reference.device)
+
+    def _make_hook(self, placement: Placement, adapter: nn.Module, module: nn.Module):
+        if placement.kind == "norm":
+            def hook(mod, args, output):
+                if not self.active:
+                    return None
+                return adapter.normalise(module, args[0])
+        else:
+            def hook(mod, args, output):
+                if not self.active or not isinstance(output, torch.Tensor):
+                    return None
+                return adapter(output)
+        return hook
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def budget_fraction(self) -> float:
+        return self.parameter_count / max(self.model_parameters, 1)
+
+    def norm_adapters(self) -> List[NormStatsAdapter]:
+        return [m for m in self.modules_by_key.values() if isinstance(m, NormStatsAdapter)]
+
+    def trainable(self) -> List[nn.Parameter]:
+        return [p for p in self.parameters()]
+
+    def summary(self) -> str:
+        lines = [f"{len(self.placements)} adapters, {self.parameter_count} parameters "
+                 f"({100 * self.budget_fraction:.2f}% of the model's {self.model_parameters})"]
+        for placement in self.placements:
+            rank = f" rank {placement.rank}" if placement.kind == "bottleneck" else ""
+            lines.append(f"  {placement.target}: {placement.kind}{rank}, {placement.parameters} parameters")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ control
+
+    def reset_parameters(self) -> None:
+        """Back to the freshly attached state (identity when activated)."""
+        with torch.no_grad():
+            for key, adapter in self.modules_by_key.items():
+                if isinstance(adapter, BottleneckAdapter):
+                    adapter.up.zero_()
+                    adapter.bias.zero_()
+                elif isinstance(adapter, AffineAdapter):
+                    adapter.gamma.zero_()
+                    adapter.beta.zero_()
+                elif isinstance(adapter, NormStatsAdapter):
+                    adapter.reset_running()
+
+    def set_robust(self, robust: bool) -> None:
+        for adapter in self.norm_adapters():
+            adapter.robust = robust
+
+    def set_update_running(self, update: bool) -> None:
+        for adapter in self.norm_adapters():
+            adapter.update_running = update
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.active = False
+
+
+def _key(placement: Placement) -> str:
+    return f"{placement.target.replace('.', '__') or 'model'}__{placement.kind}"
+
+
+def plan_adapters(model: nn.Module, budget: float = 0.05, targets: Optional[Iterable[Union[str, type]]] = None,
+                  kinds: Sequence[str] = ADAPTER_KINDS, max_rank: int = 16, exclude: Sequence[str] = ()) -> List[Placement]:
+    """Chooses adapter placements within ``budget`` (a fraction of the model's
+    parameters).
+
+    Automatic placement: BatchNorm layers get statistics adaptation (no
+    parameters) and, like LayerNorm/GroupNorm, a per-channel affine adapter;
+    then low-rank bottlenecks go on the outputs of Linear/Conv layers from the
+    deepest up (the classifier head, the last Linear, is left alone: its output
+    is the logits), each at the largest rank up to ``max_rank`` that still fits.
+    ``targets`` (module names or types) restricts the candidates.
+    """
+    if not 0 < budget <= 1:
+        raise ValueError(f"selfheal: budget must be a fraction in (0, 1], got {budget}")
+    unknown = set(kinds) - set(ADAPTER_KINDS)
+    if unknown:
+        raise ValueError(f"selfheal: adapter kinds must be among {ADAPTER_KINDS}, got {sorted(unknown)}")
+    named = [(name, module) for name, module in model.named_modules() if name]
+    total = sum(p.numel() for p in model.parameters())
+    allowed = int(budget * total)
+    linears = [name for name, module in named if isinstance(module, nn.Linear)]
+    head = linears[-1] if linears else None
+    candidates = []
+    for name, module in named:
+        if name in exclude or name == head:
+            continue
+        if targets is not None and not _matches(name, module, targets):
+            continue
+        candidates.append((name, module))
+    if targets is not None and not candidates:
+        raise ValueError(f"selfheal: no module matches the adapter targets {list(targets)!r}")
+
+    placements: List[Placement] = []
+    used = 0
+    for name, module in candidates:
+        channels = _out_channels(module)
+        if channels is None or not isinstance(module, _NORMS):
+            continue
+        first = _channels_first(module)
+        if "norm" in kinds and isinstance(module, _BATCH_NORMS) and module.running_mean is not None:
+            placements.append(Placement(name, "norm", channels, first))
+        if "affine" in kinds and used + 2 * channels <= allowed:
+            placements.append(Placement(name, "affine", channels, first))
+            used += 2 * channels
+    if "bottleneck" in kinds:
+        for name, module in reversed(candidates):
+            if not isinstance(module, _LINEAR_LIKE + _CONVS):
+                continue
+            channels = _out_channels(module)
+            rank = min(max_rank, max(1, channels // 4))
+            while rank >= 1 and used + rank * (2 * channels + 1) > allowed:
+                rank //= 2
+            if rank < 1:
+                continue
+            placements.append(Placement(name, "bottleneck", channels, _channels_first(module), rank))
+            used += rank * (2 * channels + 1)
+    order = {name: i for i, (name, _) in enumerate(named)}
+    # On one module the hooks run in this order: statistics, then affine, then bottleneck.
+    stacking = ("norm", "affine", "bottleneck")
+    placements.sort(key=lambda p: (order[p.target], stacking.index(p.kind)))
+    if not placements:
+        raise ValueError("selfheal: no adapter fits: the model has no Linear/Conv/norm layer besides its head "
+                         f"within a budget of {budget:.3g} of {total} parameters")
+    return placements
+
+
+def _matches(name: str, module: nn.Module, targets) -> bool:
+    for spec in targets:
+        if isinstance(spec, str) and spec == name:
+            return True
+        if isinstance(spec, type) and isinstance(module, spec):
+            return True
+    return False
+
+
+def attach_adapters(model: nn.Module, budget: float = 0.05, targets=None, kinds: Sequence[str] = ADAPTER_KINDS,
+                    max_rank: int = 16, activation: str = "gelu", norm_prior: float = 16.0,
+                    seed: int = 0) -> AdapterSet:
+    """Plans and attaches dormant adapters to ``model`` (see ``plan_adapters``)."""
+    placements = plan_adapters(model, budget=budget, targets=targets, kinds=kinds, max_rank=max_rank)
+    return AdapterSet(model, placements, activation=activation, norm_prior=norm_prior, seed=seed)

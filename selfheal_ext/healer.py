@@ -1,0 +1,820 @@
+"""SelfHealer: serve a model, detect drift, repair it online without labels.
+
+Per batch (``healer(x)``):
+
+1. predict with the current adapters (dormant: the source model, bit for bit);
+   the monitor's taps read the batch during that same forward pass;
+2. the monitor decides whether the data has drifted;
+3. while drift is active, one adaptation step on that batch (after the logits
+   were returned-to-be, so they never depend on it): entropy minimisation over
+   reliable, non-redundant samples weighted by confidence (EATA), anchored to
+   the source by a Fisher penalty estimated at calibration with the model's own
+   pseudo-labels, plus BatchNorm statistics adaptation with a source prior;
+4. guards: prediction collapse (measured against the source model on the same
+   batches), divergence rising after adaptation, non-finite losses, a cap on
+   how far adapter weights move and on steps per minute; a tripped guard rolls
+   back to the last good version (or the source) and halves the learning rate.
+
+Adapters return to dormant when the input-side divergence has stayed below
+threshold for ``release_after`` batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import ops
+from .adapters import ADAPTER_KINDS, AdapterSet, attach_adapters
+from .monitor import DriftMonitor, DriftReport
+from .taps import default_taps
+
+_EVENT_LIMIT = 10_000
+_MAX_EPISODE_TRIPS = 3
+
+
+@dataclass
+class HealEvent:
+    """One thing the healer did: ``kind`` in activate, release, step, skip,
+    guard, rollback, reset, snapshot."""
+    batch: int
+    kind: str
+    version: int
+    detail: Dict[str, Any] = field(default_factory=dict)
+    time: float = field(default_factory=time.time)
+
+
+@dataclass
+class HealStatus:
+    active: bool
+    version: int
+    steps: int
+    learning_rate: float
+    selected_last_step: int
+    guard_trips: int
+    robust_norm: bool
+
+
+class SelfHealer:
+    """Wraps a trained classifier: serves it, watches it, heals it.
+
+    Args:
+        model: the trained model (its own parameters are never changed).
+        budget: adapter parameters as a fraction of the model's (default 5%).
+        adapter_kinds: subset of ``("bottleneck", "affine", "norm")``.
+        adapter_targets: module names or types to place adapters on (default: automatic).
+        lr: adaptation learning rate (Adam).
+        anchor: weight of the Fisher penalty towards the source adapters.
+        entropy_margin: samples with entropy above ``entropy_margin * ln C`` are not used.
+        redundancy: samples whose probabilities have cosine similarity above
+            ``1 - redundancy`` with the running mean of selected ones are not used.
+        max_shift: cap on the L2 distance of all adapter parameters from the source.
+        max_steps_per_minute: hard cap on adaptation steps per minute (None: no cap).
+        reset_every: reset to the source every this many steps (None: never).
+        collapse_ratio: the guard trips when the adapted predictions spread over
+            fewer than this fraction of the source's effective classes (same batches)...
+        agreement_floor: ...or agree with the source's on fewer than this share of samples.
+        divergence_rise: ...or the adapted layers' divergence rises this many
+            times above its level once the window has turned over.
+        release_after: clean batches (input-side divergence under threshold)
+            after which the adapters go dormant again (default: a window's worth).
+        mode: ``"inline"`` (one step per batch after predicting) or
+            ``"deferred"`` (steps on a background thread from a replay buffer).
+        monitor_options: keyword arguments for the ``DriftMonitor``.
+        process_group: a ``torch.distributed`` group: counts, decisions and
+            adapter gradients are merged across its ranks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        budget: float = 0.05,
+        adapter_kinds: Sequence[str] = ADAPTER_KINDS,
+        adapter_targets=None,
+        max_rank: int = 16,
+        lr: float = 1e-3,
+        anchor: float = 1.0,
+        entropy_margin: float = 0.4,
+        redundancy: float = 0.05,
+        max_shift: float = 5.0,
+        max_steps_per_minute: Optional[float] = None,
+        reset_every: Optional[int] = None,
+        release_after: Optional[int] = None,
+        collapse_ratio: float = 0.5,
+        agreement_floor: float = 0.25,
+        divergence_rise: float = 3.0,
+        mode: str = "inline",
+        replay_size: int = 8,
+        monitor_options: Optional[Dict[str, Any]] = None,
+        logits_fn: Optional[Callable] = None,
+        process_group=None,
+        seed: int = 0,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"selfheal: SelfHealer wraps an nn.Module, got {type(model).__name__}")
+        if mode not in ("inline", "deferred"):
+            raise ValueError(f"selfheal: mode must be 'inline' or 'deferred', got {mode!r}")
+        if not lr > 0:
+            raise ValueError(f"selfheal: lr must be > 0, got {lr}")
+        if not 0 < entropy_margin <= 1:
+            raise ValueError(f"selfheal: entropy_margin must be in (0, 1], got {entropy_margin}")
+        self.model = model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.config = {
+            "budget": budget, "lr": float(lr), "anchor": float(anchor), "entropy_margin": float(entropy_margin),
+            "redundancy": float(redundancy), "max_shift": float(max_shift),
+            "max_steps_per_minute": max_steps_per_minute, "reset_every": reset_every,
+            "release_after": release_after, "collapse_ratio": float(collapse_ratio),
+            "agreement_floor": float(agreement_floor),
+            "divergence_rise": float(divergence_rise), "mode": mode, "replay_size": int(replay_size),
+            "seed": int(seed),
+        }
+        self.logits_fn = logits_fn
+        self.process_group = process_group
+        self.adapters: AdapterSet = attach_adapters(model, budget=budget, targets=adapter_targets,
+                                                    kinds=adapter_kinds, max_rank=max_rank, seed=seed)
+        options = dict(monitor_options or {})
+        if "taps" not in options:
+            options["taps"] = self._default_taps(options.get("tap_count", 3))
+        options.setdefault("logits_fn", logits_fn)
+        options.setdefault("process_group", process_group)
+        options.setdefault("seed", seed)
+        self.monitor = DriftMonitor(model, **options)
+        self.monitor.explicit = True  # only the healer's served forward is counted
+        self._source_state = self._adapter_state()
+        self._input_taps: List[str] = []
+        self.fisher: Dict[str, torch.Tensor] = {}
+        self.events: List[HealEvent] = []
+        self.versions: Dict[int, Dict[str, torch.Tensor]] = {0: self._source_state}
+        self.version = 0
+        self.good_version = 0
+        self._next_version = 1
+        self._lock = threading.RLock()
+        self._worker: Optional[threading.Thread] = None
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, int(replay_size)))
+        self._shadow = None
+        self._reset_runtime()
+
+    # ---------------------------------------------------------------- set-up
+
+    def _default_taps(self, count: int) -> List[str]:
+        """The monitor's default taps plus the first layer with parameters: its
+        input is upstream of every adapter, so its divergence says whether the
+        *input* drift has passed, whatever the adapters have learnt."""
+        names = [tap.name for tap in default_taps(self.model, count)]
+        for name, module in self.model.named_modules():
+            if name and next(module.parameters(recurse=False), None) is not None:
+                if name not in names:
+                    names.insert(0, name)
+                break
+        return names
+
+    def _reset_runtime(self) -> None:
+        self.adapters.active = False
+        self.adapters.reset_parameters()
+        self.adapters.set_robust(False)
+        self.optimizer = torch.optim.Adam(self.adapters.trainable(), lr=self.config["lr"]) \
+            if self.adapters.trainable() else None
+        self.learning_rate = self.config["lr"]
+        self.steps = 0
+        self.batches = 0
+        self.guard_trips = 0
+        self._episode_trips = 0
+        self._last_snapshot_step = 0
+        self.hold = False
+        self.suspended = False
+        self.clean_streak = 0
+        self.selected_last_step = 0
+        self._step_times: List[float] = []
+        self._mean_probs: Optional[torch.Tensor] = None
+        self._adapted_probs: Optional[torch.Tensor] = None
+        self._source_probs: Optional[torch.Tensor] = None
+        self._agreement: Optional[float] = None
+        self._score_at_activation: Optional[float] = None
+        self._downstream_baseline: Optional[float] = None
+        self._diversity: Optional[float] = None
+        self.drift: Optional[DriftReport] = None
+        self.version = 0
+
+    @property
+    def calibrated(self) -> bool:
+        return self.monitor.calibrated
+
+    @property
+    def active(self) -> bool:
+        return self.adapters.active
+
+    @property
+    def drift_detected(self) -> bool:
+        return bool(self.drift is not None and self.drift.drift)
+
+    def status(self) -> HealStatus:
+        return HealStatus(self.active, self.version, self.steps, self.learning_rate, self.selected_last_step,
+                          self.guard_trips, any(a.robust for a in self.adapters.norm_adapters()))
+
+    def calibrate(self, batches: Iterable, **monitor_kwargs):
+        """Calibrates the monitor on healthy ``batches`` (inputs, or ``(x, y)``
+        pairs whose labels only fit the accuracy estimate's temperature) and
+        estimates the Fisher information of the adapter parameters from the
+        model's own pseudo-labels on the same data. Returns the monitor's
+        ``CalibrationReport``."""
+        batches = list(batches)
+        with self._lock:
+            self._stop_worker()
+            self._reset_runtime()
+            report = self.monitor.calibrate(batches, **monitor_kwargs)
+            self._input_taps = [self.monitor.tap_names[0]]
+            self._fit_fisher(batches)
+            self._reference_effective = self._effective_classes_reference(batches)
+        return report
+
+    def _inputs(self, batch):
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        return batch
+
+    def _logits(self, output) -> torch.Tensor:
+        logits = self.logits_fn(output) if self.logits_fn is not None else output
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        if logits.dim() == 1:
+            logits = logits.unsqueeze(1)
+        if logits.shape[1] == 1:
+            logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
+        return logits
+
+    def _fit_fisher(self, batches) -> None:
+        """Diagonal Fisher of the adapter parameters at the source (adapters
+        active at identity), from cross-entropy with the model's own argmax."""
+        parameters = dict(self.adapters.named_parameters())
+        fisher = {name: torch.zeros_like(p) for name, p in parameters.items()}
+        if not parameters:
+            self.fisher = fisher
+            return
+        samples = 0
+        self.adapters.active = True
+        self.adapters.set_update_running(False)
+        try:
+            with self.monitor.paused():
+                for batch in batches[:32]:
+                    x = self._inputs(batch).to(self._device())
+                    finite = _finite_rows(x)
+                    x = x[finite]
+                    if x.shape[0] == 0:
+                        continue
+                    for p in parameters.values():
+                        p.grad = None
+                    with torch.enable_grad():
+                        for p in parameters.values():
+                            p.requires_grad_(True)
+                        logits = self._logits(self.model(x)).float()
+                        loss = nn.functional.cross_entropy(logits, logits.argmax(dim=1), reduction="sum")
+                        loss.backward()
+                    for name, p in parameters.items():
+                        if p.grad is not None:
+                            fisher[name] += p.grad.detach() ** 2 / x.shape[0]
+                    samples += 1
+        finally:
+            for p in parameters.values():
+                p.grad = None
+            self.adapters.active = False
+            self.adapters.set_update_running(True)
+            self.adapters.reset_parameters()
+        scale = max(samples, 1)
+        total = [f / scale for f in fisher.values()]
+        mean = torch.cat([f.flatten() for f in total]).mean().item() if total else 0.0
+        # A floor keeps every parameter anchored a little (a zero-initialised
+        # up-projection makes the down-projection's Fisher exactly zero).
+        floor = max(mean * 0.01, 1e-8)
+        self.fisher = {name: f / scale + floor for name, f in fisher.items()}
+
+    def _effective_classes_reference(self, batches) -> float:
+        with torch.no_grad(), self.monitor.paused():
+            values = []
+            for batch in batches[:32]:
+                x = self._inputs(batch).to(self._device())
+                x = x[_finite_rows(x)]
+                if x.shape[0] < 2:
+                    continue
+                probs = torch.softmax(self._logits(self.model(x)).float(), dim=1)
+                values.append(_effective_classes(probs))
+        return float(sum(values) / len(values)) if values else 1.0
+
+    def _device(self) -> torch.device:
+        parameter = next(self.model.parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+    # ------------------------------------------------------------- serving
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicts ``x``, updates the monitor, and — if drift is active —
+        adapts on ``x`` after predicting. Returns the model's output for ``x``."""
+        if not self.calibrated:
+            raise RuntimeError("selfheal: SelfHealer called before calibrate(); calibrate on healthy data first")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"selfheal: SelfHealer takes a tensor batch, got {type(x).__name__}")
+        with self._lock:
+            # Not diverse enough to trust (label-ordered streams): normalise
+            # with the running statistics and do not update them from these
+            # batches (a run of one class would slowly poison them too).
+            robust = self._robust_norm()
+            self.adapters.set_robust(robust)
+            self.adapters.set_update_running(not robust)
+            with torch.no_grad(), self.monitor.watching():
+                output = self.model(x)
+            report = self.monitor.update(output)
+            self.drift = report
+            self.batches += 1
+            logits = self._logits(output).detach()
+            if self.active or self.suspended:
+                self._after_batch(x, logits, report)
+            else:
+                self._track(logits)
+                if report.drift:
+                    self._activate(report)
+                    self._after_batch(x, logits, report)
+        return output
+
+    def _robust_norm(self) -> bool:
+        """Batches recently less diverse than healthy ones (label-ordered
+        streams): BatchNorm statistics from them would be poisoned."""
+        return self._diversity is not None and self._diversity < 0.5
+
+    def _track(self, source_logits: torch.Tensor) -> None:
+        """Prediction diversity of the batch, judged on the *source* model's
+        predictions (adapted statistics poisoned by a one-class batch can make
+        the adapted predictions look diverse)."""
+        finite = torch.isfinite(source_logits).all(dim=1)
+        if finite.sum() < 2:
+            return
+        probs = torch.softmax(source_logits[finite].float(), dim=1)
+        rows = probs.shape[0]
+        expected = min(self._reference_effective, float(rows))
+        diversity = _effective_classes(probs) / max(expected, 1.0)
+        self._diversity = diversity if self._diversity is None else 0.7 * self._diversity + 0.3 * diversity
+
+    def _source_logits(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The source model's logits for ``x`` (adapters switched off for one
+        extra forward pass, unseen by the monitor); None for batches of one."""
+        if x.shape[0] < 2:
+            return None
+        was_active = self.adapters.active
+        with torch.no_grad(), self.monitor.paused():
+            self.adapters.active = False
+            try:
+                return self._logits(self.model(x)).detach()
+            finally:
+                self.adapters.active = was_active
+
+    def _activate(self, report: DriftReport) -> None:
+        self.adapters.active = True
+        self.clean_streak = 0
+        self._score_at_activation = report.score
+        self._downstream_baseline = None
+        self._adapted_probs = None
+        self._source_probs = None
+        self._agreement = None
+        self._event("activate", score=report.score, reasons=list(report.reasons),
+                    top_signal=report.attribution.top_signal if report.attribution else None)
+        if self.config["mode"] == "deferred":
+            self._start_worker()
+
+    def _after_batch(self, x: torch.Tensor, logits: torch.Tensor, report: DriftReport) -> None:
+        threshold = self.monitor.window_threshold
+        input_z = max((report.signals.get(name, 0.0) for name in self._input_taps), default=0.0)
+        # Clean: the input-side divergence well inside its null range (half the
+        # threshold) and no alarm from any signal.
+        self.clean_streak = self.clean_streak + 1 if (input_z < 0.5 * threshold and not report.drift) else 0
+        release_after = self._release_after(report)
+        if self.clean_streak >= release_after and not report.warming_up:
+            self._release()
+            return
+        if self.suspended:
+            self._track(logits)  # dormant: the served logits are the source's
+            return
+        source_logits = self._source_logits(x)
+        if source_logits is not None:
+            self._track(source_logits)
+        if self._guards(logits, source_logits, report):
+            return
+        if self.hold:
+            return
+        if self.config["mode"] == "inline":
+            self._step(x)
+        else:
+            self._enqueue(x)
+
+    def _release_after(self, report: DriftReport) -> int:
+        """Batches that fill the monitor's window (or ``release_after``)."""
+        return self.config["release_after"] or max(
+            1, math.ceil(self.monitor.config["window"] / max(report.samples, 1)))
+
+    def _release(self) -> None:
+        self._stop_worker()
+        self.adapters.active = False
+        self.adapters.reset_parameters()
+        self._reset_optimizer()
+        self.version = 0
+        self.hold = False
+        self.suspended = False
+        self._episode_trips = 0
+        self._event("release", clean_batches=self.clean_streak)
+        self.clean_streak = 0
+
+    # -------------------------------------------------------------- guards
+
+    def _guards(self, logits, source_logits, report) -> bool:
+        """Collapse and divergence guards; True when one tripped (and was handled)."""
+        if source_logits is None:
+            return False
+        finite = torch.isfinite(logits).all(dim=1) & torch.isfinite(source_logits).all(dim=1)
+        if finite.sum() < 2:
+            return False
+        source_logits = source_logits[finite].float()
+        adapted = torch.softmax(logits[finite].float(), dim=1).mean(dim=0)
+        source = torch.softmax(source_logits, dim=1).mean(dim=0)
+        agreement = float((logits[finite].argmax(dim=1) == source_logits.argmax(dim=1)).float().mean())
+        momentum = 0.2
+        self._agreement = agreement if self._agreement is None else 0.6 * self._agreement + 0.4 * agreement
+        self._adapted_probs = adapted if self._adapted_probs is None else \
+            (1 - momentum) * self._adapted_probs + momentum * adapted
+        self._source_probs = source if self._source_probs is None else \
+            (1 - momentum) * self._source_probs + momentum * source
+        adapted_classes = _effective_from_mean(self._adapted_probs)
+        source_classes = _effective_from_mean(self._source_probs)
+        reason = None
+        if adapted_classes < self.config["collapse_ratio"] * source_classes:
+            reason = f"collapse: {adapted_classes:.2f} effective classes vs {source_classes:.2f} for the source"
+        elif self._agreement < self.config["agreement_floor"]:
+            # Within one-class runs (label-ordered streams) the class spread
+            # says nothing; a model that overturns most of the source's
+            # predictions has drifted away from it.
+            reason = f"collapse: agreement with the source fell to {self._agreement:.2f}"
+        else:
+            # Divergence of the layers the adapters act on (the input-side taps
+            # only measure the drift itself). Its baseline is taken once the
+            # window holds only batches seen since activation.
+            downstream = [report.signals[name] for name in self.monitor.tap_names if name not in self._input_taps]
+            level = max(downstream) if downstream else None
+            if level is not None and self._downstream_baseline is None and self.steps >= self._release_after(report):
+                self._downstream_baseline = max(level, self.monitor.window_threshold)
+            elif level is not None and self._downstream_baseline is not None and \
+                    level > self.config["divergence_rise"] * self._downstream_baseline:
+                reason = (f"divergence of the adapted layers rose to {level:.2f} "
+                          f"(baseline {self._downstream_baseline:.2f})")
+        if reason is None:
+            # A version is kept as good only when clearly healthy (the guard's
+            # averages lag a little behind a collapse in progress).
+            healthy = (self._agreement >= max(0.5, 2 * self.config["agreement_floor"])
+                       and adapted_classes >= 0.75 * source_classes)
+            if healthy and self.steps and self.steps % 10 == 0 and self.steps != self._last_snapshot_step:
+                self._last_snapshot_step = self.steps
+                self._snapshot(good=True)
+            return False
+        self.guard_trips += 1
+        self._episode_trips += 1
+        self._event("guard", reason=reason, trips_this_drift=self._episode_trips)
+        target = self.good_version if self._episode_trips < _MAX_EPISODE_TRIPS else 0
+        # The drift is still there: the adapters stay active (at the source
+        # weights when no good version was kept), statistics adaptation included.
+        self._restore(target, reason="guard", keep_active=True)
+        if self.hold:
+            # Tripped again with the weights held at the source: the statistics
+            # adaptation itself hurts this stream. Serve the source model until
+            # the drift passes or the healer is reset.
+            self.suspended = True
+            self.adapters.active = False
+            self._event("suspend", reason="guard tripped with adapter training on hold")
+        elif self._episode_trips >= _MAX_EPISODE_TRIPS:
+            # Repeated collapses: stop training the adapters until this drift
+            # passes or the healer is reset (statistics adaptation goes on).
+            self.hold = True
+            self._event("hold", reason=f"{self._episode_trips} guard trips in one drift episode")
+        self.learning_rate *= 0.5
+        for group in (self.optimizer.param_groups if self.optimizer else []):
+            group["lr"] = self.learning_rate
+        self._adapted_probs = None
+        self._source_probs = None
+        self._agreement = None
+        self._downstream_baseline = None
+        return True
+
+    # ---------------------------------------------------------- adaptation
+
+    def _step(self, x: torch.Tensor, adapters: Optional[AdapterSet] = None, model: Optional[nn.Module] = None,
+              optimizer=None) -> None:
+        adapters = adapters or self.adapters
+        model = model or self.model
+        optimizer = optimizer or self.optimizer
+        if optimizer is None:
+            # statistics-only adaptation: the served forward already updated them
+            self.steps += 1
+            return
+        limit = self.config["max_steps_per_minute"]
+        now = time.monotonic()
+        if limit is not None:
+            self._step_times = [t for t in self._step_times if now - t < 60.0]
+            if len(self._step_times) >= limit:
+                self._event("skip", reason="rate limit", limit=limit)
+                return
+        finite = _finite_rows(x)
+        x = x[finite]
+        if x.shape[0] == 0:
+            self._event("skip", reason="no finite rows")
+            return
+        parameters = dict(adapters.named_parameters())
+        adapters.set_update_running(False)
+        # The served model's monitor must not count this extra forward; the
+        # deferred worker's copy has no monitor (its hooks were stripped).
+        quiet = self.monitor.paused() if model is self.model else contextlib.nullcontext()
+        try:
+            with torch.enable_grad(), quiet:
+                for p in parameters.values():
+                    p.requires_grad_(True)
+                logits = self._logits(model(x))
+                entropy, _ = ops.softmax_entropy(logits.float())
+                classes = logits.shape[1]
+                margin = self.config["entropy_margin"] * math.log(classes)
+                probs = torch.softmax(logits.detach().float(), dim=1)
+                selected = entropy.detach() < margin
+                if self._mean_probs is not None and self.config["redundancy"] > 0:
+                    similarity = nn.functional.cosine_similarity(probs, self._mean_probs.unsqueeze(0), dim=1)
+                    selected &= similarity < 1 - self.config["redundancy"]
+                count = int(selected.sum())
+                self.selected_last_step = count
+                anchor = sum((self.fisher[name] * (p - self._source_state[name]) ** 2).sum()
+                             for name, p in parameters.items() if name in self.fisher)
+                if count:
+                    weights = torch.exp(-(entropy.detach()[selected] - margin))
+                    loss = (weights * entropy[selected]).sum() / count
+                else:
+                    loss = entropy.sum() * 0.0
+                loss = loss + self.config["anchor"] * anchor
+                if count:
+                    chosen = probs[selected].mean(dim=0)
+                    self._mean_probs = chosen if self._mean_probs is None else 0.9 * self._mean_probs + 0.1 * chosen
+                if not torch.isfinite(loss):
+                    self._event("skip", reason="non-finite loss")
+                    return
+                if count == 0:
+                    self._event("skip", reason="no reliable sample", samples=x.shape[0])
+                    return
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            grads = [p.grad for p in parameters.values() if p.grad is not None]
+            if self.process_group is not None and grads:
+                import torch.distributed as dist
+                flat = torch.cat([g.flatten() for g in grads])
+                dist.all_reduce(flat, group=self.process_group)
+                flat /= dist.get_world_size(self.process_group)
+                offset = 0
+                for g in grads:
+                    g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                    offset += g.numel()
+            if not all(bool(torch.isfinite(g).all()) for g in grads):
+                optimizer.zero_grad(set_to_none=True)
+                self._event("skip", reason="non-finite gradient")
+                return
+            torch.nn.utils.clip_grad_norm_(list(parameters.values()), 1.0)
+            optimizer.step()
+            self._project(parameters)
+        finally:
+            adapters.set_update_running(True)
+        self.steps += 1
+        self._step_times.append(now)
+        self._event("step", loss=float(loss.detach()), selected=count, samples=int(x.shape[0]),
+                    shift=self._shift(parameters))
+        if self.config["reset_every"] and self.steps % self.config["reset_every"] == 0:
+            self.adapters.reset_parameters()
+            self._reset_optimizer()
+            self._event("reset", reason="periodic")
+
+    def _project(self, parameters: Dict[str, torch.Tensor]) -> None:
+        """Keeps the adapters within ``max_shift`` (L2) of the source."""
+        shift = self._shift(parameters)
+        cap = self.config["max_shift"]
+        if shift > cap:
+            factor = cap / shift
+            with torch.no_grad():
+                for name, p in parameters.items():
+                    source = self._source_state[name]
+                    p.copy_(source + (p - source) * factor)
+
+    def _shift(self, parameters: Dict[str, torch.Tensor]) -> float:
+        with torch.no_grad():
+            total = sum(float(((p - self._source_state[name]) ** 2).sum()) for name, p in parameters.items())
+        return math.sqrt(total)
+
+    def _reset_optimizer(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer = torch.optim.Adam(self.adapters.trainable(), lr=self.learning_rate)
+
+    # ------------------------------------------------------------ deferred
+
+    def _enqueue(self, x: torch.Tensor) -> None:
+        item = x.detach().clone()
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:  # the replay buffer keeps the newest batches
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._queue.put_nowait(item)
+
+    def _start_worker(self) -> None:
+        if self._worker is not None:
+            return
+        model = copy.deepcopy(self.model)
+        # The copy carries the served model's hooks (monitor taps, live
+        # adapters); the worker's model must run only its own adapters.
+        for module in model.modules():
+            module._forward_hooks.clear()
+            module._forward_pre_hooks.clear()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        shadow = AdapterSet(model, [copy.copy(p) for p in self.adapters.placements], seed=self.config["seed"])
+        shadow.load_state_dict(self.adapters.state_dict())
+        shadow.active = True
+        optimizer = torch.optim.Adam(shadow.trainable(), lr=self.learning_rate) if shadow.trainable() else None
+        self._stop = threading.Event()
+        self._shadow = (model, shadow, optimizer)
+
+        def run():
+            while not self._stop.is_set():
+                try:
+                    x = self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                self._step(x, adapters=shadow, model=model, optimizer=optimizer)
+                with self._lock:  # publish: a short copy, between two served batches
+                    if self._stop.is_set():
+                        break
+                    with torch.no_grad():
+                        live = dict(self.adapters.named_parameters())
+                        for name, p in shadow.named_parameters():
+                            live[name].copy_(p)
+        self._worker = threading.Thread(target=run, name="selfheal-deferred", daemon=True)
+        self._worker.start()
+
+    def _stop_worker(self) -> None:
+        worker = self._worker
+        if worker is None:
+            return
+        self._stop.set()
+        if worker is not threading.current_thread():
+            worker.join()
+        self._worker = None
+        self._shadow = None
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Deferred mode: waits until the replay buffer has been consumed."""
+        deadline = time.monotonic() + timeout
+        while self._worker is not None and not self._queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        """Stops the deferred worker (if any)."""
+        with self._lock:
+            self._stop_worker()
+
+    # ------------------------------------------------- versions and state
+
+    def _adapter_state(self) -> Dict[str, torch.Tensor]:
+        return {name: value.detach().clone() for name, value in self.adapters.state_dict().items()}
+
+    def _snapshot(self, good: bool = False) -> int:
+        version = self._next_version
+        self._next_version += 1
+        self.versions[version] = self._adapter_state()
+        self.version = version
+        if good:
+            self.good_version = version
+        self._event("snapshot", good=good)
+        return version
+
+    def snapshot(self) -> int:
+        """Stores the current adapters as a new version and returns its number."""
+        with self._lock:
+            return self._snapshot(good=True)
+
+    def rollback(self, version: int, reason: str = "requested") -> None:
+        """Restores adapter ``version`` (0: the source model, dormant)."""
+        with self._lock:
+            self._restore(version, reason)
+
+    def _restore(self, version: int, reason: str, keep_active: bool = False) -> None:
+        if version not in self.versions:
+            raise KeyError(f"selfheal: no adapter version {version}; known: {sorted(self.versions)}")
+        self._stop_worker()
+        self.adapters.load_state_dict(self.versions[version])
+        self.version = version
+        if version == 0 and not keep_active:
+            self.adapters.active = False
+        self._reset_optimizer()
+        self._event("rollback", to=version, reason=reason)
+        if self.active and self.config["mode"] == "deferred":
+            self._start_worker()
+
+    def reset(self) -> None:
+        """Back to the source model exactly: adapters dormant and re-initialised,
+        optimizer, guards and monitor window cleared (the calibration is kept)."""
+        with self._lock:
+            self._stop_worker()
+            self._reset_runtime()
+            self.monitor.reset()
+            self._event("reset", reason="requested")
+
+    def _event(self, kind: str, **detail) -> None:
+        self.events.append(HealEvent(self.batches, kind, self.version, detail))
+        if len(self.events) > _EVENT_LIMIT:
+            del self.events[: len(self.events) - _EVENT_LIMIT]
+
+    def state_dict(self) -> Dict[str, Any]:
+        with self._lock:
+            return {
+                "config": dict(self.config),
+                "adapters": self._adapter_state(),
+                "active": self.active,
+                # deep copies: Adam's load_state_dict keeps tensors it is given,
+                # so a shared state would be updated by both healers
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer else None,
+                "learning_rate": self.learning_rate,
+                "fisher": {k: v.clone() for k, v in self.fisher.items()},
+                "versions": {k: {n: t.clone() for n, t in v.items()} for k, v in self.versions.items()},
+                "version": self.version, "good_version": self.good_version, "next_version": self._next_version,
+                "counters": {"steps": self.steps, "batches": self.batches, "guard_trips": self.guard_trips,
+                             "clean_streak": self.clean_streak, "episode_trips": self._episode_trips,
+                             "hold": self.hold, "suspended": self.suspended},
+                "mean_probs": None if self._mean_probs is None else self._mean_probs.clone(),
+                "diversity": self._diversity,
+                "reference_effective": getattr(self, "_reference_effective", 1.0),
+                "input_taps": list(self._input_taps),
+                "score_at_activation": self._score_at_activation,
+                "downstream_baseline": self._downstream_baseline,
+                "monitor": self.monitor.state_dict(),
+            }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        with self._lock:
+            self._stop_worker()
+            expected = set(self.adapters.state_dict())
+            if set(state["adapters"]) != expected:
+                raise ValueError("selfheal: the state's adapters do not match this model's "
+                                 f"(missing {sorted(expected - set(state['adapters']))}, "
+                                 f"unexpected {sorted(set(state['adapters']) - expected)})")
+            self.monitor.load_state_dict(state["monitor"])
+            self.adapters.load_state_dict(state["adapters"])
+            self.adapters.active = bool(state["active"])
+            self.learning_rate = float(state["learning_rate"])
+            self._reset_optimizer()
+            if self.optimizer is not None and state["optimizer"] is not None:
+                self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+            self.fisher = {k: v.clone() for k, v in state["fisher"].items()}
+            self.versions = {int(k): {n: t.clone() for n, t in v.items()} for k, v in state["versions"].items()}
+            self.version, self.good_version = int(state["version"]), int(state["good_version"])
+            self._next_version = int(state["next_version"])
+            counters = state["counters"]
+            self.steps, self.batches = int(counters["steps"]), int(counters["batches"])
+            self.guard_trips, self.clean_streak = int(counters["guard_trips"]), int(counters["clean_streak"])
+            self._episode_trips, self.hold = int(counters["episode_trips"]), bool(counters["hold"])
+            self.suspended = bool(counters["suspended"])
+            self._mean_probs = None if state["mean_probs"] is None else state["mean_probs"].clone()
+            self._diversity = state["diversity"]
+            self._reference_effective = float(state["reference_effective"])
+            self._input_taps = list(state["input_taps"])
+            self._score_at_activation = state["score_at_activation"]
+            self._downstream_baseline = state["downstream_baseline"]
+            self._source_state = dict(self.versions[0])
+            if self.active and self.config["mode"] == "deferred":
+                self._start_worker()
+
+
+def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 0:
+        raise ValueError("selfheal: a batch needs a batch dimension, got a 0-d tensor")
+    if not x.is_floating_point():
+        return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    return torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+
+
+def _effective_classes(probs: torch.Tensor) -> float:
+    return _effective_from_mean(probs.mean(dim=0))
+
+
+def _effective_from_mean(mean: torch.Tensor) -> float:
+    mean = mean.clamp_min(1e-12)
+    return float(torch.exp(-(mean * mean.log()).sum()))

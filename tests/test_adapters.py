@@ -1,0 +1,158 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from selfheal_ext import reference
+from selfheal_ext.adapters import (AdapterSet, BottleneckAdapter, NormStatsAdapter, Placement, attach_adapters,
+                                   plan_adapters)
+
+
+class Mixed(nn.Module):
+    """Conv + BatchNorm + GroupNorm + a transformer-style LayerNorm/Linear block."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.gn = nn.GroupNorm(4, 32)
+        self.proj = nn.Linear(32, 48)
+        self.ln = nn.LayerNorm(48)
+        self.mlp = nn.Linear(48, 48)
+        self.head = nn.Linear(48, 7)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        h = torch.relu(self.gn(self.conv2(h)))
+        tokens = h.flatten(2).transpose(1, 2)          # [N, L, 32]
+        tokens = self.ln(self.proj(tokens))
+        tokens = tokens + torch.relu(self.mlp(tokens))
+        return self.head(tokens.mean(dim=1))
+
+
+def trained_stats(model):
+    with torch.no_grad():
+        model.train()
+        for _ in range(3):
+            model(torch.randn(8, 3, 12, 12))
+    return model.eval()
+
+
+def test_dormant_adapters_are_exactly_the_identity():
+    torch.manual_seed(0)
+    model = trained_stats(Mixed())
+    x = torch.randn(5, 3, 12, 12)
+    with torch.no_grad():
+        before = model(x)
+    adapters = attach_adapters(model, budget=0.2)
+    kinds = {p.kind for p in adapters.placements}
+    assert kinds == {"norm", "affine", "bottleneck"}
+    # Dormant: bit-identical, even after the adapters were trained to something else.
+    with torch.no_grad():
+        for p in adapters.parameters():
+            p.add_(0.1)
+        assert torch.equal(model(x), before)
+        adapters.active = True
+        assert not torch.equal(model(x), before)
+        adapters.active = False
+        assert torch.equal(model(x), before)
+    adapters.remove()
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_budget_is_respected_and_reported():
+    model = Mixed()
+    total = sum(p.numel() for p in model.parameters())
+    for budget in (0.01, 0.05, 0.2):
+        adapters = attach_adapters(model, budget=budget)
+        assert adapters.parameter_count <= budget * total
+        assert adapters.parameter_count == sum(p.parameters for p in adapters.placements)
+        assert adapters.budget_fraction == pytest.approx(adapters.parameter_count / total)
+        assert f"{adapters.parameter_count} parameters" in adapters.summary()
+        adapters.remove()
+    # The head (last Linear) never gets an adapter: its output is the logits.
+    assert all(p.target != "head" for p in plan_adapters(model, budget=0.5))
+
+
+def test_placement_by_name_and_type_and_bad_arguments():
+    model = Mixed()
+    only_conv = plan_adapters(model, budget=0.5, targets=[nn.Conv2d])
+    assert {p.target for p in only_conv} == {"conv", "conv2"} and {p.kind for p in only_conv} == {"bottleneck"}
+    named = plan_adapters(model, budget=0.5, targets=["ln"])
+    assert [(p.target, p.kind) for p in named] == [("ln", "affine")]
+    with pytest.raises(ValueError, match="no module matches"):
+        plan_adapters(model, targets=["nope"])
+    with pytest.raises(ValueError, match="budget"):
+        plan_adapters(model, budget=0.0)
+    with pytest.raises(ValueError, match="kinds"):
+        plan_adapters(model, kinds=("lora",))
+    with pytest.raises(ValueError, match="no adapter fits"):
+        plan_adapters(nn.Sequential(nn.Linear(4, 2)))
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_bottleneck_adapter_matches_the_reference(channels_first):
+    torch.manual_seed(0)
+    adapter = BottleneckAdapter(12, 3, channels_first, activation="gelu", seed=4)
+    with torch.no_grad():
+        adapter.up.normal_()
+        adapter.bias.normal_()
+    x = torch.randn(4, 12, 5, 3) if channels_first else torch.randn(4, 6, 12)
+    expected = reference.adapter(x, adapter.down, adapter.up, adapter.bias, activation="gelu",
+                                 channels_first=channels_first)
+    torch.testing.assert_close(adapter(x), expected, rtol=1e-5, atol=1e-5)
+    # gradients reach the adapter's parameters through the fused op
+    adapter(x).square().sum().backward()
+    assert adapter.up.grad is not None and adapter.down.grad.abs().sum() > 0
+
+
+def test_norm_statistics_prior_robust_mode_and_nan():
+    bn = nn.BatchNorm1d(4).eval()
+    bn.running_mean.fill_(0.0)
+    bn.running_var.fill_(1.0)
+    adapter = NormStatsAdapter(bn, prior=16.0, robust_momentum=0.1)
+    one = torch.full((1, 4), 5.0)
+    mean, var = adapter.statistics(one)  # one sample: weight 1/17 on it
+    torch.testing.assert_close(mean, torch.full((4,), 5.0 / 17))
+    batch = torch.randn(64, 4) * 2 + 3
+    mean, _ = adapter.statistics(batch)
+    torch.testing.assert_close(mean, batch.mean(0) * 64 / 80)
+    # robust mode normalises with the slowly updated running statistics
+    adapter.robust = True
+    running_before = adapter.running_mean.clone()
+    mean, _ = adapter.statistics(batch)
+    torch.testing.assert_close(mean, running_before * 0.9 + batch.mean(0) * 0.1)
+    # a batch with NaN neither updates the running statistics nor is used
+    adapter.robust = False
+    stored = adapter.running_mean.clone()
+    poisoned = batch.clone()
+    poisoned[3, 1] = float("nan")
+    mean, var = adapter.statistics(poisoned)
+    assert torch.equal(adapter.running_mean, stored) and torch.isfinite(mean).all() and torch.isfinite(var).all()
+    # the layer's own buffers are never written
+    assert bn.running_mean.abs().sum() == 0
+    with pytest.raises(TypeError, match="BatchNorm"):
+        NormStatsAdapter(nn.LayerNorm(4))
+
+
+def test_reset_parameters_returns_to_identity_when_active():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        before = model(x)
+    adapters = AdapterSet(model, [Placement("2", "bottleneck", 32, False, rank=4),
+                                  Placement("0", "affine", 32, False)])
+    adapters.active = True
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-6)  # untrained: up = 0, gamma = beta = 0
+        for p in adapters.parameters():
+            p.add_(0.3)
+        assert not torch.allclose(model(x), before, atol=1e-3)
+        adapters.reset_parameters()
+        assert torch.allclose(model(x), before, atol=1e-6)
+    with pytest.raises(ValueError, match="no module named"):
+        AdapterSet(model, [Placement("9", "affine", 3, False)])

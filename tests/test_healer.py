@@ -1,0 +1,218 @@
+import copy
+import math
+
+import pytest
+import torch
+
+from selfheal_ext import SelfHealer
+from healing_data import C, Task, accuracy, trained_model
+
+MONITOR = dict(window=256, false_alarm_every=200, bootstrap=400)
+
+
+@pytest.fixture
+def task():
+    # A fresh sampler per test (same classes and corruption): every test sees
+    # the same data whatever ran before it.
+    return Task()
+
+
+@pytest.fixture(scope="module")
+def source_model():
+    return trained_model(Task())
+
+
+def make_healer(task, source_model, **options):
+    model = copy.deepcopy(source_model)
+    options.setdefault("monitor_options", MONITOR)
+    healer = SelfHealer(model, **options)
+    healer.calibrate([task.sample(64)[0] for _ in range(24)])
+    return healer
+
+
+def drift_stream(task, batches=40, size=64, **kw):
+    return [task.sample(size, corrupt=True, **kw) for _ in range(batches)]
+
+
+def test_dormant_healer_serves_the_source_model_exactly(task, source_model):
+    healer = make_healer(task, source_model)
+    for _ in range(10):
+        x, _ = task.sample(64)
+        with torch.no_grad():
+            expected = source_model(x)
+        assert torch.equal(healer(x), expected)
+    assert not healer.active and healer.steps == 0
+
+
+def test_healing_restores_most_of_the_lost_accuracy(task, source_model):
+    healer = make_healer(task, source_model)
+    stream = drift_stream(task)
+    with torch.no_grad():
+        source = accuracy([source_model(x) for x, _ in stream], [y for _, y in stream])
+        clean_batches = [task.sample(64) for _ in range(20)]
+        clean = accuracy([source_model(x) for x, _ in clean_batches], [y for _, y in clean_batches])
+    healed = accuracy([healer(x) for x, _ in stream], [y for _, y in stream])
+    assert healer.active and healer.steps > 0
+    assert healed >= source + 0.05, (source, healed, clean)
+    restored = (healed - source) / (clean - source)
+    assert restored > 0.5, restored
+    assert any(event.kind == "activate" for event in healer.events)
+
+
+def test_predict_first_the_logits_never_depend_on_the_same_batch(task, source_model):
+    healer = make_healer(task, source_model)
+    stream = drift_stream(task, batches=12)
+    for x, _ in stream[:6]:
+        healer(x)
+    assert healer.active
+    x, _ = stream[6]
+    state = healer.state_dict()
+    twin = make_healer(task, source_model)
+    twin.load_state_dict(state)
+    # the twin only predicts (adapters frozen at the same state): same logits
+    with torch.no_grad():
+        twin.adapters.active = True
+        expected = twin.model(x)
+    assert torch.equal(healer(x), expected)
+
+
+def test_reset_restores_bit_identical_outputs(task, source_model):
+    healer = make_healer(task, source_model)
+    for x, _ in drift_stream(task, batches=15):
+        healer(x)
+    assert healer.steps > 0
+    probe = task.sample(64)[0]
+    healer.reset()
+    assert not healer.active and healer.version == 0
+    with torch.no_grad():
+        assert torch.equal(healer.model(probe), source_model(probe))
+    assert torch.equal(healer(probe), source_model(probe).detach())
+
+
+def test_rollback_to_a_version_is_exact(task, source_model):
+    healer = make_healer(task, source_model)
+    stream = drift_stream(task, batches=20)
+    for x, _ in stream[:8]:
+        healer(x)
+    version = healer.snapshot()
+    saved = {k: v.clone() for k, v in healer.adapters.state_dict().items()}
+    for x, _ in stream[8:]:
+        healer(x)
+    assert any(not torch.equal(saved[k], v) for k, v in healer.adapters.state_dict().items())
+    healer.rollback(version)
+    assert all(torch.equal(saved[k], v) for k, v in healer.adapters.state_dict().items())
+    with pytest.raises(KeyError, match="no adapter version"):
+        healer.rollback(999)
+
+
+def test_forced_collapse_is_caught_and_rolled_back(task, source_model):
+    # Label-ordered stream (classes arrive in long runs), a huge learning rate,
+    # no anchor and no sample filter: entropy minimisation collapses.
+    # A long run of one class teaches the adapters to predict it everywhere;
+    # when the next class arrives they overturn the source's predictions.
+    healer = make_healer(task, source_model, lr=1.0, anchor=0.0, entropy_margin=1.0, redundancy=0.0,
+                         max_shift=1e6)
+    stream = []
+    for label, batches in ((0, 20), (1, 10), (2, 10)):
+        stream += drift_stream(task, batches=batches, labels=torch.full((64,), label))
+    restored = []
+    for x, _ in stream:
+        before = len(healer.events)
+        healer(x)
+        for event in healer.events[before:]:
+            if event.kind == "rollback":
+                state = healer.adapters.state_dict()
+                target = healer.versions[event.detail["to"]]
+                restored.append(all(torch.equal(state[k], target[k]) for k in target))
+    kinds = [e.kind for e in healer.events]
+    guards = [e for e in healer.events if e.kind == "guard"]
+    assert guards, kinds[:20]
+    assert all("collapse" in g.detail["reason"] or "divergence" in g.detail["reason"] for g in guards)
+    # every trip rolled back at once, to exactly the stored version
+    assert kinds.count("rollback") == len(guards) and restored and all(restored)
+    assert healer.learning_rate <= 0.5
+    assert healer.status().guard_trips == healer.guard_trips
+
+
+def test_nan_inputs_never_reach_the_adapter_weights(task, source_model):
+    healer = make_healer(task, source_model)
+    for i, (x, _) in enumerate(drift_stream(task, batches=20)):
+        if i % 3 == 0:
+            x = x.clone()
+            x[:5] = float("nan")
+            x[5, 2] = float("inf")
+        out = healer(x)
+        assert torch.isfinite(out[6:]).all()
+    assert healer.steps > 0
+    for name, value in healer.adapters.state_dict().items():
+        assert torch.isfinite(value).all(), name
+    # a batch that is entirely non-finite is served and skipped, not learnt from
+    bad = torch.full((8, task.centers.shape[1]), float("nan"))
+    healer(bad)
+    for name, value in healer.adapters.state_dict().items():
+        assert torch.isfinite(value).all(), name
+
+
+def test_state_round_trip_gives_identical_next_outputs(task, source_model):
+    healer = make_healer(task, source_model)
+    stream = drift_stream(task, batches=16)
+    for x, _ in stream[:8]:
+        healer(x)
+    twin = make_healer(task, source_model)
+    twin.load_state_dict(healer.state_dict())
+    for x, _ in stream[8:]:
+        assert torch.equal(healer(x), twin(x))
+    assert healer.steps == twin.steps
+    with pytest.raises(ValueError, match="adapters do not match"):
+        other = SelfHealer(torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.BatchNorm1d(8),
+                                               torch.nn.Linear(8, C)).eval(), monitor_options=MONITOR)
+        other.load_state_dict(healer.state_dict())
+
+
+def test_adapters_return_to_dormant_when_the_drift_passes(task, source_model):
+    healer = make_healer(task, source_model, release_after=6)
+    for x, _ in drift_stream(task, batches=10):
+        healer(x)
+    assert healer.active
+    for _ in range(30):
+        healer(task.sample(64)[0])
+    assert not healer.active
+    assert any(e.kind == "release" for e in healer.events)
+    x = task.sample(64)[0]
+    with torch.no_grad():
+        assert torch.equal(healer(x), source_model(x))
+
+
+def test_deferred_mode_heals_on_a_background_thread(task, source_model):
+    healer = make_healer(task, source_model, mode="deferred")
+    stream = drift_stream(task, batches=40)
+    try:
+        outputs = []
+        for x, _ in stream:
+            outputs.append(healer(x))
+            healer.flush(timeout=5)
+        assert healer.active and healer.steps > 0
+        with torch.no_grad():
+            source = accuracy([source_model(x) for x, _ in stream[20:]], [y for _, y in stream[20:]])
+        assert accuracy(outputs[20:], [y for _, y in stream[20:]]) > source
+    finally:
+        healer.close()
+    assert healer._worker is None
+
+
+def test_batch_of_one_and_bad_arguments(task, source_model):
+    healer = make_healer(task, source_model)
+    out = healer(task.sample(1)[0])
+    assert out.shape == (1, C)
+    for x, _ in drift_stream(task, batches=8, size=1):
+        healer(x)
+    for name, value in healer.adapters.state_dict().items():
+        assert torch.isfinite(value).all(), name
+    fresh = SelfHealer(copy.deepcopy(source_model), monitor_options=MONITOR)
+    with pytest.raises(RuntimeError, match="calibrate"):
+        fresh(task.sample(4)[0])
+    with pytest.raises(TypeError, match="tensor"):
+        healer([1, 2, 3])
+    with pytest.raises(ValueError, match="mode"):
+        SelfHealer(copy.deepcopy(source_model), mode="sometimes")
+    assert math.isfinite(healer.adapters.budget_fraction) and healer.adapters.budget_fraction <= 0.05
