@@ -352,22 +352,26 @@ class SelfHealer:
         return self._diversity is not None and self._diversity < 0.5
 
     def _track(self, source_logits: torch.Tensor) -> None:
-        """Prediction diversity of the batch, judged on the *source* model's
-        predictions (adapted statistics poisoned by a one-class batch can make
-        the adapted predictions look diverse)."""
-        finite = torch.isfinite(source_logits).all(dim=1)
-        if finite.sum() < 2:
+        """Prediction diversity of a batch served by the source model."""
+        self._track_merged(self._guard_statistics(source_logits, source_logits))
+
+    def _track_merged(self, stats: torch.Tensor) -> None:
+        """Diversity of the batch judged on the *source* model's predictions
+        (adapted statistics poisoned by a one-class batch can make the adapted
+        predictions look diverse), merged over ranks."""
+        rows = float(stats[1])
+        if rows < 2:
             return
-        probs = torch.softmax(source_logits[finite].float(), dim=1)
-        rows = probs.shape[0]
-        expected = min(self._reference_effective, float(rows))
-        diversity = _effective_classes(probs) / max(expected, 1.0)
+        classes = (stats.numel() - 2) // 2
+        mean = (stats[2 + classes:] / rows).float()
+        expected = min(self._reference_effective, rows)
+        diversity = _effective_from_mean(mean) / max(expected, 1.0)
         self._diversity = diversity if self._diversity is None else 0.7 * self._diversity + 0.3 * diversity
 
     def _source_logits(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The source model's logits for ``x`` (adapters switched off for one
-        extra forward pass, unseen by the monitor); None for batches of one."""
-        if x.shape[0] < 2:
+        extra forward pass, unseen by the monitor); None for an empty batch."""
+        if x.shape[0] < 1:
             return None
         was_active = self.adapters.active
         with torch.no_grad(), self.monitor.paused():
@@ -404,9 +408,9 @@ class SelfHealer:
             self._track(logits)  # dormant: the served logits are the source's
             return
         source_logits = self._source_logits(x)
-        if source_logits is not None:
-            self._track(source_logits)
-        if self._guards(logits, source_logits, report):
+        stats = self._guard_statistics(logits, source_logits)
+        self._track_merged(stats)
+        if self._guards(stats, report):
             return
         if self.hold:
             return
@@ -434,19 +438,45 @@ class SelfHealer:
 
     # -------------------------------------------------------------- guards
 
-    def _guards(self, logits, source_logits, report) -> bool:
-        """Collapse and divergence guards; True when one tripped (and was handled)."""
-        if source_logits is None:
+    def _merged(self, values: torch.Tensor) -> torch.Tensor:
+        """Sums ``values`` over the process group's ranks (as is without one)."""
+        if self.process_group is not None:
+            import torch.distributed as dist
+            values = values.clone()
+            dist.all_reduce(values, group=self.process_group)
+        return values
+
+    def _guard_statistics(self, logits, source_logits) -> Optional[torch.Tensor]:
+        """[agreeing rows, rows, adapted probability sums [C], source probability
+        sums [C]] over the batch, merged over ranks (every rank calls it)."""
+        classes = logits.shape[1]
+        stats = torch.zeros(2 + 2 * classes, dtype=torch.float64, device=logits.device)
+        if source_logits is not None:
+            finite = torch.isfinite(logits).all(dim=1) & torch.isfinite(source_logits).all(dim=1)
+            adapted, source = logits[finite].float(), source_logits[finite].float()
+            stats[0] = (adapted.argmax(dim=1) == source.argmax(dim=1)).sum()
+            stats[1] = adapted.shape[0]
+            stats[2: 2 + classes] = torch.softmax(adapted, dim=1).sum(dim=0).double()
+            stats[2 + classes:] = torch.softmax(source, dim=1).sum(dim=0).double()
+        return self._merged(stats)
+
+    def _guards(self, stats: torch.Tensor, report) -> bool:
+        """Collapse and divergence guards on merged statistics; True when one
+        tripped (and was handled)."""
+        rows = float(stats[1])
+        if rows < 1:
             return False
-        finite = torch.isfinite(logits).all(dim=1) & torch.isfinite(source_logits).all(dim=1)
-        if finite.sum() < 2:
-            return False
-        source_logits = source_logits[finite].float()
-        adapted = torch.softmax(logits[finite].float(), dim=1).mean(dim=0)
-        source = torch.softmax(source_logits, dim=1).mean(dim=0)
-        agreement = float((logits[finite].argmax(dim=1) == source_logits.argmax(dim=1)).float().mean())
-        momentum = 0.2
-        self._agreement = agreement if self._agreement is None else 0.6 * self._agreement + 0.4 * agreement
+        classes = (stats.numel() - 2) // 2
+        adapted = (stats[2: 2 + classes] / rows).float()
+        source = (stats[2 + classes:] / rows).float()
+        agreement = float(stats[0]) / rows
+        # Averages over about the last 16 (agreement) and 32 (class spread)
+        # samples, or the last few batches when batches are large.
+        weight = min(0.4, rows / (rows + 16))
+        momentum = min(0.2, rows / (rows + 32))
+        # starts from full agreement (adapters begin at the source weights)
+        previous = 1.0 if self._agreement is None else self._agreement
+        self._agreement = (1 - weight) * previous + weight * agreement
         self._adapted_probs = adapted if self._adapted_probs is None else \
             (1 - momentum) * self._adapted_probs + momentum * adapted
         self._source_probs = source if self._source_probs is None else \
@@ -514,6 +544,10 @@ class SelfHealer:
 
     def _step(self, x: torch.Tensor, adapters: Optional[AdapterSet] = None, model: Optional[nn.Module] = None,
               optimizer=None) -> None:
+        """One adaptation step on ``x``. Under a process group every rank runs
+        the same collectives whatever its own batch holds (a rank with no
+        usable sample contributes zero gradients), and every skip is decided
+        for all ranks together."""
         adapters = adapters or self.adapters
         model = model or self.model
         optimizer = optimizer or self.optimizer
@@ -523,68 +557,55 @@ class SelfHealer:
             return
         limit = self.config["max_steps_per_minute"]
         now = time.monotonic()
+        skip = None
         if limit is not None:
             self._step_times = [t for t in self._step_times if now - t < 60.0]
             if len(self._step_times) >= limit:
-                self._event("skip", reason="rate limit", limit=limit)
-                return
-        finite = _finite_rows(x)
-        x = x[finite]
-        if x.shape[0] == 0:
-            self._event("skip", reason="no finite rows")
-            return
+                skip = "rate limit"
+        x = x[_finite_rows(x)]
         parameters = dict(adapters.named_parameters())
+        count, loss = 0, None
+        optimizer.zero_grad(set_to_none=True)
         adapters.set_update_running(False)
         # The served model's monitor must not count this extra forward; the
         # deferred worker's copy has no monitor (its hooks were stripped).
         quiet = self.monitor.paused() if model is self.model else contextlib.nullcontext()
         try:
-            with torch.enable_grad(), quiet:
-                for p in parameters.values():
-                    p.requires_grad_(True)
-                logits = self._logits(model(x))
-                entropy, _ = ops.softmax_entropy(logits.float())
-                classes = logits.shape[1]
-                margin = self.config["entropy_margin"] * math.log(classes)
-                probs = torch.softmax(logits.detach().float(), dim=1)
-                selected = entropy.detach() < margin
-                if self._mean_probs is not None and self.config["redundancy"] > 0:
-                    similarity = nn.functional.cosine_similarity(probs, self._mean_probs.unsqueeze(0), dim=1)
-                    selected &= similarity < 1 - self.config["redundancy"]
-                count = int(selected.sum())
-                self.selected_last_step = count
-                anchor = sum((self.fisher[name] * (p - self._source_state[name]) ** 2).sum()
-                             for name, p in parameters.items() if name in self.fisher)
-                if count:
-                    weights = torch.exp(-(entropy.detach()[selected] - margin))
-                    loss = (weights * entropy[selected]).sum() / count
-                else:
-                    loss = entropy.sum() * 0.0
-                loss = loss + self.config["anchor"] * anchor
-                if count:
-                    chosen = probs[selected].mean(dim=0)
-                    self._mean_probs = chosen if self._mean_probs is None else 0.9 * self._mean_probs + 0.1 * chosen
-                if not torch.isfinite(loss):
-                    self._event("skip", reason="non-finite loss")
-                    return
-                if count == 0:
-                    self._event("skip", reason="no reliable sample", samples=x.shape[0])
-                    return
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            grads = [p.grad for p in parameters.values() if p.grad is not None]
-            if self.process_group is not None and grads:
+            if skip is None and x.shape[0] > 0:
+                with torch.enable_grad(), quiet:
+                    for p in parameters.values():
+                        p.requires_grad_(True)
+                    loss, count = self._loss(model(x), parameters)
+                    if bool(torch.isfinite(loss)) and count:
+                        loss.backward()
+                    elif not bool(torch.isfinite(loss)):
+                        skip = "non-finite loss"
+            # (no finite row: this rank uses no sample; the others may)
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters.values()]
+            total = count
+            if self.process_group is not None:
                 import torch.distributed as dist
-                flat = torch.cat([g.flatten() for g in grads])
+                flat = torch.cat([g.flatten() for g in grads] + [
+                    torch.tensor([float(count), float(skip is not None)],
+                                 dtype=grads[0].dtype if grads else torch.float32,
+                                 device=grads[0].device if grads else None)])
                 dist.all_reduce(flat, group=self.process_group)
-                flat /= dist.get_world_size(self.process_group)
+                total, vetoes = int(round(float(flat[-2]))), float(flat[-1])
+                flat = flat[:-2] / dist.get_world_size(self.process_group)
                 offset = 0
-                for g in grads:
-                    g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                for p, g in zip(parameters.values(), grads):
+                    p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
                     offset += g.numel()
-            if not all(bool(torch.isfinite(g).all()) for g in grads):
+                if vetoes and skip is None:
+                    skip = "another rank skipped"
+            if skip is None and total == 0:
+                skip = "no reliable sample"
+            if skip is None and not all(bool(torch.isfinite(p.grad).all()) for p in parameters.values()
+                                        if p.grad is not None):
+                skip = "non-finite gradient"
+            if skip is not None:
                 optimizer.zero_grad(set_to_none=True)
-                self._event("skip", reason="non-finite gradient")
+                self._event("skip", reason=skip, samples=int(x.shape[0]))
                 return
             torch.nn.utils.clip_grad_norm_(list(parameters.values()), 1.0)
             optimizer.step()
@@ -593,12 +614,37 @@ class SelfHealer:
             adapters.set_update_running(True)
         self.steps += 1
         self._step_times.append(now)
-        self._event("step", loss=float(loss.detach()), selected=count, samples=int(x.shape[0]),
-                    shift=self._shift(parameters))
+        self._event("step", loss=float(loss.detach()) if loss is not None else 0.0, selected=count,
+                    samples=int(x.shape[0]), shift=self._shift(parameters))
         if self.config["reset_every"] and self.steps % self.config["reset_every"] == 0:
             self.adapters.reset_parameters()
             self._reset_optimizer()
             self._event("reset", reason="periodic")
+
+    def _loss(self, output, parameters) -> Tuple[torch.Tensor, int]:
+        """EATA's objective: confidence-weighted entropy over reliable
+        (entropy below ``entropy_margin * ln C``), non-redundant samples, plus
+        the Fisher anchor to the source adapters. Returns (loss, samples used)."""
+        logits = self._logits(output)
+        entropy, _ = ops.softmax_entropy(logits.float())
+        margin = self.config["entropy_margin"] * math.log(logits.shape[1])
+        probs = torch.softmax(logits.detach().float(), dim=1)
+        selected = entropy.detach() < margin
+        if self._mean_probs is not None and self.config["redundancy"] > 0:
+            similarity = nn.functional.cosine_similarity(probs, self._mean_probs.unsqueeze(0), dim=1)
+            selected &= similarity < 1 - self.config["redundancy"]
+        count = int(selected.sum())
+        self.selected_last_step = count
+        anchor = sum((self.fisher[name] * (p - self._source_state[name]) ** 2).sum()
+                     for name, p in parameters.items() if name in self.fisher)
+        if count:
+            weights = torch.exp(-(entropy.detach()[selected] - margin))
+            loss = (weights * entropy[selected]).sum() / count
+            chosen = probs[selected].mean(dim=0)
+            self._mean_probs = chosen if self._mean_probs is None else 0.9 * self._mean_probs + 0.1 * chosen
+        else:
+            loss = entropy.sum() * 0.0
+        return loss + self.config["anchor"] * anchor, count
 
     def _project(self, parameters: Dict[str, torch.Tensor]) -> None:
         """Keeps the adapters within ``max_shift`` (L2) of the source."""
