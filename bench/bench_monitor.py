@@ -1,6 +1,6 @@
 """DriftMonitor benchmark: detection delay and false alarms on synthetic
 covariate shifts of known onset, side by side with established detectors
-(bench/baselines.py) in the same run, and the latency the monitor adds to a
+(bench/baselines/detectors.py) in the same run, and the latency the monitor adds to a
 model's forward pass.
 
     python bench/bench_monitor.py                 # full run (about 10 minutes on 2 cores)

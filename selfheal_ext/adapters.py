@@ -134,19 +134,19 @@ class NormStatsAdapter(nn.Module):
     def statistics(self, x: torch.Tensor):
         """Mean and variance per channel for input ``x [N, C, *]`` of the layer."""
         dims = [0] + list(range(2, x.dim()))
-        values = x.detach().float() if not torch.is_grad_enabled() else x.float()
-        finite = torch.isfinite(values).all()
+        values = x.float()
+        # One pass for both moments; a NaN/Inf anywhere in x shows up in them.
+        batch_var, batch_mean = torch.var_mean(values, dim=dims, unbiased=False)
+        finite = bool(torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all())
         # The prior is in samples: the values of one sample's feature map are
         # correlated, so a single image must not outweigh the source.
         count = values.shape[0]
-        batch_mean = values.mean(dim=dims)
-        batch_var = values.var(dim=dims, unbiased=False)
-        if self.update_running and bool(finite):
+        if self.update_running and finite:
             with torch.no_grad():
                 m = self.robust_momentum
                 self.running_mean.mul_(1 - m).add_(batch_mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(batch_var.detach(), alpha=m)
-        if self.robust or not bool(finite):
+        if self.robust or not finite:
             return self.running_mean, self.running_var
         weight = count / (count + self.prior)
         mean = weight * batch_mean + (1 - weight) * self.source_mean
@@ -157,11 +157,15 @@ class NormStatsAdapter(nn.Module):
 
     def normalise(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         mean, var = self.statistics(x)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        y = (x.float() - mean.view(shape)) * torch.rsqrt(var.view(shape) + norm.eps)
+        scale = torch.rsqrt(var + norm.eps)
         if norm.weight is not None:
-            y = y * norm.weight.float().view(shape) + norm.bias.float().view(shape)
-        return y.to(x.dtype)
+            scale = scale * norm.weight.float()
+        shift = -mean * scale
+        if norm.bias is not None:
+            shift = shift + norm.bias.float()
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        # one fused pass: y = x * scale + shift
+        return torch.addcmul(shift.view(shape), x.float(), scale.view(shape)).to(x.dtype)
 
 
 @dataclass

@@ -81,10 +81,16 @@ class SelfHealer:
         max_steps_per_minute: hard cap on adaptation steps per minute (None: no cap).
         reset_every: reset to the source every this many steps (None: never).
         collapse_ratio: the guard trips when the adapted predictions spread over
-            fewer than this fraction of the source's effective classes (same batches)...
-        agreement_floor: ...or agree with the source's on fewer than this share of samples.
+            fewer than this fraction of the source's effective classes (same
+            batches, averaged over about a monitor window)...
+        agreement_floor: ...or agree with the source's on fewer than this share
+            of samples (0: off; a drifted source is often confidently wrong).
         divergence_rise: ...or the adapted layers' divergence rises this many
             times above its level once the window has turned over.
+        label_shift: a batch whose source-predicted class mix differs from
+            the recent stream's by more than this KL divergence (nats; classes
+            arriving in runs, label-ordered streams) is not learnt from, and
+            BatchNorm uses its running statistics for it (``inf``: never).
         release_after: clean batches (input-side divergence under threshold)
             after which the adapters go dormant again (default: a window's worth).
         mode: ``"inline"`` (one step per batch after predicting) or
@@ -111,7 +117,8 @@ class SelfHealer:
         reset_every: Optional[int] = None,
         release_after: Optional[int] = None,
         collapse_ratio: float = 0.5,
-        agreement_floor: float = 0.25,
+        agreement_floor: float = 0.0,
+        label_shift: float = 0.5,
         divergence_rise: float = 3.0,
         mode: str = "inline",
         replay_size: int = 8,
@@ -136,7 +143,7 @@ class SelfHealer:
             "redundancy": float(redundancy), "max_shift": float(max_shift),
             "max_steps_per_minute": max_steps_per_minute, "reset_every": reset_every,
             "release_after": release_after, "collapse_ratio": float(collapse_ratio),
-            "agreement_floor": float(agreement_floor),
+            "agreement_floor": float(agreement_floor), "label_shift": float(label_shift),
             "divergence_rise": float(divergence_rise), "mode": mode, "replay_size": int(replay_size),
             "seed": int(seed),
         }
@@ -164,6 +171,8 @@ class SelfHealer:
         self._worker: Optional[threading.Thread] = None
         self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, int(replay_size)))
         self._shadow = None
+        self._reference_probs: Optional[torch.Tensor] = None
+        self._long_probs: Optional[torch.Tensor] = None
         self._reset_runtime()
 
     # ---------------------------------------------------------------- set-up
@@ -203,7 +212,10 @@ class SelfHealer:
         self._agreement: Optional[float] = None
         self._score_at_activation: Optional[float] = None
         self._downstream_baseline: Optional[float] = None
-        self._diversity: Optional[float] = None
+        self._label_shift: Optional[float] = None
+        self._robust = False
+        if getattr(self, "_reference_probs", None) is not None:
+            self._long_probs = self._reference_probs.clone()
         self.drift: Optional[DriftReport] = None
         self.version = 0
 
@@ -236,7 +248,8 @@ class SelfHealer:
             report = self.monitor.calibrate(batches, **monitor_kwargs)
             self._input_taps = [self.monitor.tap_names[0]]
             self._fit_fisher(batches)
-            self._reference_effective = self._effective_classes_reference(batches)
+            self._reference_probs = self._reference_class_mix(batches)
+            self._long_probs = self._reference_probs.clone()
         return report
 
     def _inputs(self, batch):
@@ -299,17 +312,21 @@ class SelfHealer:
         floor = max(mean * 0.01, 1e-8)
         self.fisher = {name: f / scale + floor for name, f in fisher.items()}
 
-    def _effective_classes_reference(self, batches) -> float:
+    def _reference_class_mix(self, batches) -> torch.Tensor:
+        """Mean predicted class probabilities of the source on healthy data."""
+        total, rows = None, 0
         with torch.no_grad(), self.monitor.paused():
-            values = []
             for batch in batches[:32]:
                 x = self._inputs(batch).to(self._device())
                 x = x[_finite_rows(x)]
-                if x.shape[0] < 2:
+                if x.shape[0] == 0:
                     continue
-                probs = torch.softmax(self._logits(self.model(x)).float(), dim=1)
-                values.append(_effective_classes(probs))
-        return float(sum(values) / len(values)) if values else 1.0
+                probs = torch.softmax(self._logits(self.model(x)).float(), dim=1).sum(dim=0).double()
+                total = probs if total is None else total + probs
+                rows += x.shape[0]
+        if total is None:
+            raise ValueError("selfheal: calibration data has no finite row")
+        return (total / rows).cpu()
 
     def _device(self) -> torch.device:
         parameter = next(self.model.parameters(), None)
@@ -347,26 +364,41 @@ class SelfHealer:
         return output
 
     def _robust_norm(self) -> bool:
-        """Batches recently less diverse than healthy ones (label-ordered
-        streams): BatchNorm statistics from them would be poisoned."""
-        return self._diversity is not None and self._diversity < 0.5
+        """Classes arriving in runs (label-ordered streams): BatchNorm
+        statistics from such batches would be poisoned and entropy steps would
+        pull every input towards the current class. Detected when the batch's
+        class mix (source predictions) departs from the recent stream's, with
+        hysteresis (on above ``label_shift``, off below half of it). A source
+        model that predicts one class for everything under drift does not
+        trigger it once the recent mix has followed (about a window)."""
+        if self._label_shift is None:
+            return self._robust
+        threshold = self.config["label_shift"]
+        if self._label_shift > threshold:
+            self._robust = True
+        elif self._label_shift < 0.5 * threshold:
+            self._robust = False
+        return self._robust
 
     def _track(self, source_logits: torch.Tensor) -> None:
-        """Prediction diversity of a batch served by the source model."""
+        """Class mix of a batch served by the source model."""
         self._track_merged(self._guard_statistics(source_logits, source_logits))
 
     def _track_merged(self, stats: torch.Tensor) -> None:
-        """Diversity of the batch judged on the *source* model's predictions
-        (adapted statistics poisoned by a one-class batch can make the adapted
-        predictions look diverse), merged over ranks."""
+        """Compares the batch's source-predicted class mix with the stream's
+        recent mix (merged over ranks), then folds it in. Batches under 8
+        samples say too little about their class mix and are only folded in."""
         rows = float(stats[1])
-        if rows < 2:
+        if rows < 1:
             return
         classes = (stats.numel() - 2) // 2
-        mean = (stats[2 + classes:] / rows).float()
-        expected = min(self._reference_effective, rows)
-        diversity = _effective_from_mean(mean) / max(expected, 1.0)
-        self._diversity = diversity if self._diversity is None else 0.7 * self._diversity + 0.3 * diversity
+        batch = (stats[2 + classes:] / rows).cpu().clamp_min(1e-8)
+        recent = self._long_probs.clamp_min(1e-8)
+        if rows >= 8:
+            shift = float((batch * (batch / recent).log()).sum())
+            self._label_shift = shift if self._label_shift is None else 0.5 * self._label_shift + 0.5 * shift
+        weight = rows / (rows + self.monitor.config["window"])
+        self._long_probs = (1 - weight) * self._long_probs + weight * batch.double()
 
     def _source_logits(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The source model's logits for ``x`` (adapters switched off for one
@@ -413,6 +445,13 @@ class SelfHealer:
         if self._guards(stats, report):
             return
         if self.hold:
+            return
+        if self._robust_norm():
+            # Batches far less diverse than healthy ones (classes arriving in
+            # runs): entropy minimisation on them drives the adapters towards
+            # the current class, the known failure of TENT-like updates on
+            # label-ordered streams. Wait for diverse batches.
+            self._event("skip", reason="classes arrive in runs", label_shift=self._label_shift)
             return
         if self.config["mode"] == "inline":
             self._step(x)
@@ -470,10 +509,11 @@ class SelfHealer:
         adapted = (stats[2: 2 + classes] / rows).float()
         source = (stats[2 + classes:] / rows).float()
         agreement = float(stats[0]) / rows
-        # Averages over about the last 16 (agreement) and 32 (class spread)
-        # samples, or the last few batches when batches are large.
+        # Agreement: about the last 16 samples. Class mixes: about a monitor
+        # window of samples, long enough to span several runs of classes, so a
+        # model stuck on one class stands out against the source's mix.
         weight = min(0.4, rows / (rows + 16))
-        momentum = min(0.2, rows / (rows + 32))
+        momentum = rows / (rows + self.monitor.config["window"])
         # starts from full agreement (adapters begin at the source weights)
         previous = 1.0 if self._agreement is None else self._agreement
         self._agreement = (1 - weight) * previous + weight * agreement
@@ -487,9 +527,10 @@ class SelfHealer:
         if adapted_classes < self.config["collapse_ratio"] * source_classes:
             reason = f"collapse: {adapted_classes:.2f} effective classes vs {source_classes:.2f} for the source"
         elif self._agreement < self.config["agreement_floor"]:
-            # Within one-class runs (label-ordered streams) the class spread
-            # says nothing; a model that overturns most of the source's
-            # predictions has drifted away from it.
+            # Off by default: under strong drift the source can be confidently
+            # wrong on nearly every sample (digits at 30 % contrast: 98 % of
+            # predictions above 0.9 confidence, 10 % accurate), and a good
+            # adaptation then overturns most of its predictions.
             reason = f"collapse: agreement with the source fell to {self._agreement:.2f}"
         else:
             # Divergence of the layers the adapters act on (the input-side taps
@@ -506,7 +547,7 @@ class SelfHealer:
         if reason is None:
             # A version is kept as good only when clearly healthy (the guard's
             # averages lag a little behind a collapse in progress).
-            healthy = (self._agreement >= max(0.5, 2 * self.config["agreement_floor"])
+            healthy = (self._agreement >= 2 * self.config["agreement_floor"]
                        and adapted_classes >= 0.75 * source_classes)
             if healthy and self.steps and self.steps % 10 == 0 and self.steps != self._last_snapshot_step:
                 self._last_snapshot_step = self.steps
@@ -704,13 +745,20 @@ class SelfHealer:
                 except queue.Empty:
                     continue
                 self._step(x, adapters=shadow, model=model, optimizer=optimizer)
-                with self._lock:  # publish: a short copy, between two served batches
-                    if self._stop.is_set():
+                # Publish: a short copy between two served batches. The lock is
+                # polled, never waited on: whoever stops this worker holds the
+                # lock while joining it.
+                while not self._stop.is_set():
+                    if self._lock.acquire(timeout=0.02):
+                        try:
+                            if not self._stop.is_set():
+                                with torch.no_grad():
+                                    live = dict(self.adapters.named_parameters())
+                                    for name, p in shadow.named_parameters():
+                                        live[name].copy_(p)
+                        finally:
+                            self._lock.release()
                         break
-                    with torch.no_grad():
-                        live = dict(self.adapters.named_parameters())
-                        for name, p in shadow.named_parameters():
-                            live[name].copy_(p)
         self._worker = threading.Thread(target=run, name="selfheal-deferred", daemon=True)
         self._worker.start()
 
@@ -806,8 +854,9 @@ class SelfHealer:
                              "clean_streak": self.clean_streak, "episode_trips": self._episode_trips,
                              "hold": self.hold, "suspended": self.suspended},
                 "mean_probs": None if self._mean_probs is None else self._mean_probs.clone(),
-                "diversity": self._diversity,
-                "reference_effective": getattr(self, "_reference_effective", 1.0),
+                "label_shift": self._label_shift, "robust": self._robust,
+                "reference_probs": None if self._reference_probs is None else self._reference_probs.clone(),
+                "long_probs": None if self._long_probs is None else self._long_probs.clone(),
                 "input_taps": list(self._input_taps),
                 "score_at_activation": self._score_at_activation,
                 "downstream_baseline": self._downstream_baseline,
@@ -839,8 +888,10 @@ class SelfHealer:
             self._episode_trips, self.hold = int(counters["episode_trips"]), bool(counters["hold"])
             self.suspended = bool(counters["suspended"])
             self._mean_probs = None if state["mean_probs"] is None else state["mean_probs"].clone()
-            self._diversity = state["diversity"]
-            self._reference_effective = float(state["reference_effective"])
+            self._label_shift = state["label_shift"]
+            self._robust = bool(state["robust"])
+            self._reference_probs = None if state["reference_probs"] is None else state["reference_probs"].clone()
+            self._long_probs = None if state["long_probs"] is None else state["long_probs"].clone()
             self._input_taps = list(state["input_taps"])
             self._score_at_activation = state["score_at_activation"]
             self._downstream_baseline = state["downstream_baseline"]
