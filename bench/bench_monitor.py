@@ -227,7 +227,13 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="bench/results/monitor_cpu.json")
+    parser.add_argument("--sections", default="detection,false_alarms,overhead",
+                        help="comma-separated subset of detection,false_alarms,overhead")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    unknown = sections - {"detection", "false_alarms", "overhead"}
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.batch, args.window, args.calibration, args.ert = 64, 256, 8192, 10_000
@@ -242,26 +248,29 @@ def main():
                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                "settings": {"batch": args.batch, "window": args.window, "calibration_samples": args.calibration,
                             "false_alarm_every": args.ert, "onset": args.onset, "horizon": args.horizon}}
-    detection_rows, calibration = detection(args)
-    results["detection"] = detection_rows
-    results["calibration"] = {"window_threshold": calibration.window_threshold,
-                              "cusum_threshold": calibration.cusum_threshold,
-                              "bootstrap_windows": calibration.bootstrap_windows}
-    print("## Detection delay (batches of 64 after onset; ERT 10,000 for the monitor)\n")
-    print(_table(detection_rows, ["shift", "strength", "detector", "delay_batches", "alarms_before_onset",
-                                  "ms_per_batch"]))
-    results["false_alarms"] = false_alarms(args)
-    print("\n## False alarms on clean streams\n")
-    print(_table(results["false_alarms"], ["detector", "configured_per_10k", "calibrations", "batches",
-                                           "alarms", "alarms_per_calibration", "measured_per_10k", "ratio",
-                                           "calibration_s", "ms_per_batch"]))
-    results["overhead"] = overhead(args)
-    print("\n## Monitor overhead on the forward pass (CPU, batch 256, median)\n")
-    print(_table(results["overhead"], ["model", "features", "forward_ms", "with_monitor_ms", "overhead_pct"]))
+    if "detection" in sections:
+        detection_rows, calibration = detection(args)
+        results["detection"] = detection_rows
+        results["calibration"] = {"window_threshold": calibration.window_threshold,
+                                  "cusum_threshold": calibration.cusum_threshold,
+                                  "bootstrap_windows": calibration.bootstrap_windows}
+        print("## Detection delay (batches of 64 after onset; ERT 10,000 for the monitor)\n")
+        print(_table(detection_rows, ["shift", "strength", "detector", "delay_batches", "alarms_before_onset",
+                                      "ms_per_batch"]))
+    if "false_alarms" in sections:
+        results["false_alarms"] = false_alarms(args)
+        print("\n## False alarms on clean streams\n")
+        print(_table(results["false_alarms"], ["detector", "configured_per_10k", "calibrations", "batches",
+                                               "alarms", "alarms_per_calibration", "measured_per_10k", "ratio",
+                                               "calibration_s", "ms_per_batch"]))
+    if "overhead" in sections:
+        results["overhead"] = overhead(args)
+        print("\n## Monitor overhead on the forward pass (CPU, batch 256, median)\n")
+        print(_table(results["overhead"], ["model", "features", "forward_ms", "with_monitor_ms", "overhead_pct"]))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as handle:
         json.dump(results, handle, indent=1, default=str)
-    if any(not math.isfinite(row["overhead_pct"]) for row in results["overhead"]):
+    if any(not math.isfinite(row["overhead_pct"]) for row in results.get("overhead", [])):
         sys.exit("non-finite overhead measurement")
 
 

@@ -106,20 +106,23 @@ class NormStatsAdapter(nn.Module):
 
     Active, the layer normalises with ``w * batch + (1 - w) * source`` where
     ``w = n / (n + prior)`` for a batch of ``n`` samples (so a batch of one
-    sample moves the statistics only a little), or — when the healer
-    says the batch is not diverse enough to trust (one class, label-ordered
-    streams) — with ``running`` statistics updated slowly (momentum
-    ``robust_momentum``) from the batches seen, as RoTTA's robust BN does.
+    sample moves the statistics only a little). Batches under ``min_batch``
+    samples (batch size 1) use the ``running`` statistics of the recent
+    stream instead (moments of a mixture over about ``running_horizon``
+    samples), and so does robust mode, set by the healer when the batches hold
+    classes in runs (label-ordered streams) — then without updating them, as
+    those batches would poison them.
     The source statistics are a copy taken at attach time; the layer's own
     buffers are never written.
     """
 
-    def __init__(self, norm: nn.Module, prior: float = 16.0, robust_momentum: float = 0.05):
+    def __init__(self, norm: nn.Module, prior: float = 16.0, running_horizon: float = 128.0, min_batch: int = 16):
         super().__init__()
         if not isinstance(norm, _BATCH_NORMS) or norm.running_mean is None:
             raise TypeError("selfheal: NormStatsAdapter needs a BatchNorm layer with running statistics")
         self.prior = float(prior)
-        self.robust_momentum = float(robust_momentum)
+        self.running_horizon = float(running_horizon)
+        self.min_batch = int(min_batch)
         self.register_buffer("source_mean", norm.running_mean.detach().clone().float())
         self.register_buffer("source_var", norm.running_var.detach().clone().float())
         self.register_buffer("running_mean", self.source_mean.clone())
@@ -138,15 +141,20 @@ class NormStatsAdapter(nn.Module):
         # One pass for both moments; a NaN/Inf anywhere in x shows up in them.
         batch_var, batch_mean = torch.var_mean(values, dim=dims, unbiased=False)
         finite = bool(torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all())
-        # The prior is in samples: the values of one sample's feature map are
+        # Counted in samples: the values of one sample's feature map are
         # correlated, so a single image must not outweigh the source.
         count = values.shape[0]
         if self.update_running and finite:
             with torch.no_grad():
-                m = self.robust_momentum
-                self.running_mean.mul_(1 - m).add_(batch_mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(batch_var.detach(), alpha=m)
-        if self.robust or not finite:
+                # moments of the mixture (recent stream, this batch): a batch
+                # of one has no variance of its own, its distance to the
+                # running mean supplies it
+                m = count / (count + self.running_horizon)
+                delta = batch_mean.detach() - self.running_mean
+                self.running_var.mul_(1 - m).add_(batch_var.detach(), alpha=m).add_(delta * delta, alpha=m * (1 - m))
+                self.running_mean.add_(delta, alpha=m)
+        if self.robust or not finite or count < self.min_batch:
+            # small batches: the recent stream's statistics (this batch included)
             return self.running_mean, self.running_var
         weight = count / (count + self.prior)
         mean = weight * batch_mean + (1 - weight) * self.source_mean

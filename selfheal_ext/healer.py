@@ -91,6 +91,8 @@ class SelfHealer:
             the recent stream's by more than this KL divergence (nats; classes
             arriving in runs, label-ordered streams) is not learnt from, and
             BatchNorm uses its running statistics for it (``inf``: never).
+        min_step_samples: batches smaller than this are pooled until one step
+            has this many samples (single process; batch size 1 streams).
         release_after: clean batches (input-side divergence under threshold)
             after which the adapters go dormant again (default: a window's worth).
         mode: ``"inline"`` (one step per batch after predicting) or
@@ -119,6 +121,7 @@ class SelfHealer:
         collapse_ratio: float = 0.5,
         agreement_floor: float = 0.0,
         label_shift: float = 0.5,
+        min_step_samples: int = 16,
         divergence_rise: float = 3.0,
         mode: str = "inline",
         replay_size: int = 8,
@@ -144,6 +147,7 @@ class SelfHealer:
             "max_steps_per_minute": max_steps_per_minute, "reset_every": reset_every,
             "release_after": release_after, "collapse_ratio": float(collapse_ratio),
             "agreement_floor": float(agreement_floor), "label_shift": float(label_shift),
+            "min_step_samples": int(min_step_samples),
             "divergence_rise": float(divergence_rise), "mode": mode, "replay_size": int(replay_size),
             "seed": int(seed),
         }
@@ -214,6 +218,7 @@ class SelfHealer:
         self._downstream_baseline: Optional[float] = None
         self._label_shift: Optional[float] = None
         self._robust = False
+        self._pending: List[torch.Tensor] = []
         if getattr(self, "_reference_probs", None) is not None:
             self._long_probs = self._reference_probs.clone()
         self.drift: Optional[DriftReport] = None
@@ -421,6 +426,7 @@ class SelfHealer:
         self._adapted_probs = None
         self._source_probs = None
         self._agreement = None
+        self._pending = []
         self._event("activate", score=report.score, reasons=list(report.reasons),
                     top_signal=report.attribution.top_signal if report.attribution else None)
         if self.config["mode"] == "deferred":
@@ -453,10 +459,28 @@ class SelfHealer:
             # label-ordered streams. Wait for diverse batches.
             self._event("skip", reason="classes arrive in runs", label_shift=self._label_shift)
             return
+        x = self._gather_small(x)
+        if x is None:
+            return
         if self.config["mode"] == "inline":
             self._step(x)
         else:
             self._enqueue(x)
+
+    def _gather_small(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Small batches (fewer than ``min_step_samples`` rows, e.g. one
+        sample at a time) are pooled until there are enough for one step: an
+        entropy gradient from a single sample is mostly noise. Under a process
+        group every rank steps on every batch (the steps are collectives)."""
+        minimum = self.config["min_step_samples"]
+        if self.process_group is not None or x.shape[0] >= minimum:
+            return x
+        self._pending.append(x.detach())
+        if sum(p.shape[0] for p in self._pending) < minimum:
+            return None
+        pooled = torch.cat(self._pending)
+        self._pending = []
+        return pooled
 
     def _release_after(self, report: DriftReport) -> int:
         """Batches that fill the monitor's window (or ``release_after``)."""
@@ -855,6 +879,7 @@ class SelfHealer:
                              "hold": self.hold, "suspended": self.suspended},
                 "mean_probs": None if self._mean_probs is None else self._mean_probs.clone(),
                 "label_shift": self._label_shift, "robust": self._robust,
+                "pending": [t.clone() for t in self._pending],
                 "reference_probs": None if self._reference_probs is None else self._reference_probs.clone(),
                 "long_probs": None if self._long_probs is None else self._long_probs.clone(),
                 "input_taps": list(self._input_taps),
@@ -889,6 +914,7 @@ class SelfHealer:
             self.suspended = bool(counters["suspended"])
             self._mean_probs = None if state["mean_probs"] is None else state["mean_probs"].clone()
             self._label_shift = state["label_shift"]
+            self._pending = [t.clone() for t in state["pending"]]
             self._robust = bool(state["robust"])
             self._reference_probs = None if state["reference_probs"] is None else state["reference_probs"].clone()
             self._long_probs = None if state["long_probs"] is None else state["long_probs"].clone()

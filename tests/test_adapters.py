@@ -109,29 +109,42 @@ def test_bottleneck_adapter_matches_the_reference(channels_first):
     assert adapter.up.grad is not None and adapter.down.grad.abs().sum() > 0
 
 
-def test_norm_statistics_prior_robust_mode_and_nan():
+def test_norm_statistics_prior_small_batches_robust_mode_and_nan():
     bn = nn.BatchNorm1d(4).eval()
     bn.running_mean.fill_(0.0)
     bn.running_var.fill_(1.0)
-    adapter = NormStatsAdapter(bn, prior=16.0, robust_momentum=0.1)
+    adapter = NormStatsAdapter(bn, prior=16.0, running_horizon=128.0, min_batch=16)
+    # a batch of one: the recent stream's moments, this sample folded in with
+    # weight 1/129, its distance to the mean supplying the variance
     one = torch.full((1, 4), 5.0)
-    mean, var = adapter.statistics(one)  # one sample: weight 1/17 on it
-    torch.testing.assert_close(mean, torch.full((4,), 5.0 / 17))
+    mean, var = adapter.statistics(one)
+    m = 1 / 129
+    torch.testing.assert_close(mean, torch.full((4,), 5.0 * m))
+    torch.testing.assert_close(var, torch.full((4,), (1 - m) + m * (1 - m) * 25.0))
+    # a large batch: w = n / (n + prior) on its own statistics, the rest on the source's
+    adapter.reset_running()
     batch = torch.randn(64, 4) * 2 + 3
-    mean, _ = adapter.statistics(batch)
+    mean, var = adapter.statistics(batch)
     torch.testing.assert_close(mean, batch.mean(0) * 64 / 80)
-    # robust mode normalises with the slowly updated running statistics
+    w = 0.8
+    expected_var = w * batch.var(0, unbiased=False) + (1 - w) + w * (1 - w) * batch.mean(0) ** 2
+    torch.testing.assert_close(var, expected_var, rtol=1e-5, atol=1e-5)
+    # robust mode normalises with the running statistics (updated here, as
+    # update_running is on; the healer turns it off for such batches)
     adapter.robust = True
     running_before = adapter.running_mean.clone()
     mean, _ = adapter.statistics(batch)
-    torch.testing.assert_close(mean, running_before * 0.9 + batch.mean(0) * 0.1)
+    torch.testing.assert_close(mean, running_before + (batch.mean(0) - running_before) * (64 / 192))
+    adapter.update_running = False
+    frozen = adapter.running_mean.clone()
+    mean, _ = adapter.statistics(batch * 10)
+    assert torch.equal(mean, frozen) and torch.equal(adapter.running_mean, frozen)
     # a batch with NaN neither updates the running statistics nor is used
-    adapter.robust = False
-    stored = adapter.running_mean.clone()
+    adapter.robust, adapter.update_running = False, True
     poisoned = batch.clone()
     poisoned[3, 1] = float("nan")
     mean, var = adapter.statistics(poisoned)
-    assert torch.equal(adapter.running_mean, stored) and torch.isfinite(mean).all() and torch.isfinite(var).all()
+    assert torch.equal(adapter.running_mean, frozen) and torch.isfinite(mean).all() and torch.isfinite(var).all()
     # the layer's own buffers are never written
     assert bn.running_mean.abs().sum() == 0
     with pytest.raises(TypeError, match="BatchNorm"):
