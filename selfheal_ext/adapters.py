@@ -136,6 +136,8 @@ class NormStatsAdapter(nn.Module):
 
     def statistics(self, x: torch.Tensor):
         """Mean and variance per channel for input ``x [N, C, *]`` of the layer."""
+        if x.shape[0] == 0:  # an empty batch: nothing to estimate from
+            return self.running_mean, self.running_var
         dims = [0] + list(range(2, x.dim()))
         values = x.float()
         # One pass for both moments; a NaN/Inf anywhere in x shows up in them.

@@ -40,6 +40,7 @@ from .taps import default_taps
 
 _EVENT_LIMIT = 10_000
 _MAX_EPISODE_TRIPS = 3
+_KEEP_VERSIONS = 20
 
 
 @dataclass
@@ -134,6 +135,9 @@ class SelfHealer:
             raise TypeError(f"selfheal: SelfHealer wraps an nn.Module, got {type(model).__name__}")
         if mode not in ("inline", "deferred"):
             raise ValueError(f"selfheal: mode must be 'inline' or 'deferred', got {mode!r}")
+        if mode == "deferred" and process_group is not None:
+            raise ValueError("selfheal: mode='deferred' cannot be combined with a process_group (the worker's "
+                             "collectives would interleave with the serving thread's); use mode='inline'")
         if not lr > 0:
             raise ValueError(f"selfheal: lr must be > 0, got {lr}")
         if not 0 < entropy_margin <= 1:
@@ -171,6 +175,7 @@ class SelfHealer:
         self.version = 0
         self.good_version = 0
         self._next_version = 1
+        self._worker_error: Optional[str] = None
         self._lock = threading.RLock()
         self._worker: Optional[threading.Thread] = None
         self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, int(replay_size)))
@@ -193,9 +198,17 @@ class SelfHealer:
                 break
         return names
 
+    def _to_source(self, adapters: Optional[AdapterSet] = None) -> None:
+        """Adapter weights and statistics exactly as attached (the down
+        projections included, which a zeroed up projection would only hide)."""
+        (adapters or self.adapters).load_state_dict(self._source_state)
+
     def _reset_runtime(self) -> None:
         self.adapters.active = False
-        self.adapters.reset_parameters()
+        self._to_source()
+        self.versions = {0: self._source_state}
+        self.good_version = 0
+        self._last_snapshot_step = 0
         self.adapters.set_robust(False)
         self.optimizer = torch.optim.Adam(self.adapters.trainable(), lr=self.config["lr"]) \
             if self.adapters.trainable() else None
@@ -308,7 +321,7 @@ class SelfHealer:
                 p.grad = None
             self.adapters.active = False
             self.adapters.set_update_running(True)
-            self.adapters.reset_parameters()
+            self._to_source()
         scale = max(samples, 1)
         total = [f / scale for f in fisher.values()]
         mean = torch.cat([f.flatten() for f in total]).mean().item() if total else 0.0
@@ -329,9 +342,17 @@ class SelfHealer:
                 probs = torch.softmax(self._logits(self.model(x)).float(), dim=1).sum(dim=0).double()
                 total = probs if total is None else total + probs
                 rows += x.shape[0]
-        if total is None:
+        classes = self._logits(self.model(self._inputs(batches[0]).to(self._device())[:1])).shape[1] \
+            if total is None else total.numel()
+        merged = torch.zeros(classes + 1, dtype=torch.float64, device=self._device())
+        if total is not None:
+            merged[:classes] = total.to(merged.device)
+            merged[classes] = rows
+        # every rank starts from the same mix, so the label-ordered decisions agree
+        merged = self._merged(merged)
+        if float(merged[classes]) == 0:
             raise ValueError("selfheal: calibration data has no finite row")
-        return (total / rows).cpu()
+        return (merged[:classes] / merged[classes]).cpu()
 
     def _device(self) -> torch.device:
         parameter = next(self.model.parameters(), None)
@@ -490,7 +511,7 @@ class SelfHealer:
     def _release(self) -> None:
         self._stop_worker()
         self.adapters.active = False
-        self.adapters.reset_parameters()
+        self._to_source()
         self._reset_optimizer()
         self.version = 0
         self.hold = False
@@ -583,6 +604,7 @@ class SelfHealer:
         target = self.good_version if self._episode_trips < _MAX_EPISODE_TRIPS else 0
         # The drift is still there: the adapters stay active (at the source
         # weights when no good version was kept), statistics adaptation included.
+        self.learning_rate *= 0.5  # before the restore: a restarted deferred worker takes it
         self._restore(target, reason="guard", keep_active=True)
         if self.hold:
             # Tripped again with the weights held at the source: the statistics
@@ -596,7 +618,6 @@ class SelfHealer:
             # passes or the healer is reset (statistics adaptation goes on).
             self.hold = True
             self._event("hold", reason=f"{self._episode_trips} guard trips in one drift episode")
-        self.learning_rate *= 0.5
         for group in (self.optimizer.param_groups if self.optimizer else []):
             group["lr"] = self.learning_rate
         self._adapted_probs = None
@@ -682,8 +703,10 @@ class SelfHealer:
         self._event("step", loss=float(loss.detach()) if loss is not None else 0.0, selected=count,
                     samples=int(x.shape[0]), shift=self._shift(parameters))
         if self.config["reset_every"] and self.steps % self.config["reset_every"] == 0:
-            self.adapters.reset_parameters()
-            self._reset_optimizer()
+            # the adapters and optimizer this step trained (the deferred
+            # worker's copies in deferred mode; its next publish carries it)
+            self._to_source(adapters)
+            optimizer.state.clear()
             self._event("reset", reason="periodic")
 
     def _loss(self, output, parameters) -> Tuple[torch.Tensor, int]:
@@ -734,12 +757,15 @@ class SelfHealer:
     # ------------------------------------------------------------ deferred
 
     def _enqueue(self, x: torch.Tensor) -> None:
+        if self._worker is None or not self._worker.is_alive():
+            return  # the worker failed (see events / worker_error): serve without healing
         item = x.detach().clone()
         try:
             self._queue.put_nowait(item)
         except queue.Full:  # the replay buffer keeps the newest batches
             try:
                 self._queue.get_nowait()
+                self._queue.task_done()
             except queue.Empty:
                 pass
             self._queue.put_nowait(item)
@@ -768,23 +794,34 @@ class SelfHealer:
                     x = self._queue.get(timeout=0.05)
                 except queue.Empty:
                     continue
-                self._step(x, adapters=shadow, model=model, optimizer=optimizer)
-                # Publish: a short copy between two served batches. The lock is
-                # polled, never waited on: whoever stops this worker holds the
-                # lock while joining it.
-                while not self._stop.is_set():
-                    if self._lock.acquire(timeout=0.02):
-                        try:
-                            if not self._stop.is_set():
-                                with torch.no_grad():
-                                    live = dict(self.adapters.named_parameters())
-                                    for name, p in shadow.named_parameters():
-                                        live[name].copy_(p)
-                        finally:
-                            self._lock.release()
-                        break
+                try:
+                    self._step(x, adapters=shadow, model=model, optimizer=optimizer)
+                    self._publish(shadow)
+                except Exception as error:  # noqa: BLE001 - reported; serving goes on, dormant worker
+                    self._worker_error = f"{type(error).__name__}: {error}"
+                    self._event("worker_error", error=self._worker_error)
+                    return
+                finally:
+                    self._queue.task_done()
+
         self._worker = threading.Thread(target=run, name="selfheal-deferred", daemon=True)
         self._worker.start()
+
+    def _publish(self, shadow: AdapterSet) -> None:
+        """Copies the worker's adapter weights into the served ones between two
+        served batches. The lock is polled, never waited on: whoever stops the
+        worker holds the lock while joining it."""
+        while not self._stop.is_set():
+            if self._lock.acquire(timeout=0.02):
+                try:
+                    if not self._stop.is_set():
+                        with torch.no_grad():
+                            live = dict(self.adapters.named_parameters())
+                            for name, p in shadow.named_parameters():
+                                live[name].copy_(p)
+                finally:
+                    self._lock.release()
+                return
 
     def _stop_worker(self) -> None:
         worker = self._worker
@@ -797,11 +834,13 @@ class SelfHealer:
         self._shadow = None
         while not self._queue.empty():
             self._queue.get_nowait()
+            self._queue.task_done()
 
     def flush(self, timeout: float = 30.0) -> None:
         """Deferred mode: waits until the replay buffer has been consumed."""
         deadline = time.monotonic() + timeout
-        while self._worker is not None and not self._queue.empty() and time.monotonic() < deadline:
+        while (self._worker is not None and self._worker.is_alive() and self._queue.unfinished_tasks
+               and time.monotonic() < deadline):
             time.sleep(0.01)
 
     def close(self) -> None:
@@ -819,6 +858,10 @@ class SelfHealer:
         self._next_version += 1
         self.versions[version] = self._adapter_state()
         self.version = version
+        # keep the source and the most recent versions
+        for old in sorted(self.versions)[1:-_KEEP_VERSIONS]:
+            if old != self.good_version:
+                del self.versions[old]
         if good:
             self.good_version = version
         self._event("snapshot", good=good)
@@ -884,6 +927,10 @@ class SelfHealer:
                 "long_probs": None if self._long_probs is None else self._long_probs.clone(),
                 "input_taps": list(self._input_taps),
                 "score_at_activation": self._score_at_activation,
+                "guard_averages": {"agreement": self._agreement,
+                                   "adapted": None if self._adapted_probs is None else self._adapted_probs.clone(),
+                                   "source": None if self._source_probs is None else self._source_probs.clone()},
+                "last_snapshot_step": self._last_snapshot_step,
                 "downstream_baseline": self._downstream_baseline,
                 "monitor": self.monitor.state_dict(),
             }
@@ -903,8 +950,10 @@ class SelfHealer:
             self._reset_optimizer()
             if self.optimizer is not None and state["optimizer"] is not None:
                 self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
-            self.fisher = {k: v.clone() for k, v in state["fisher"].items()}
-            self.versions = {int(k): {n: t.clone() for n, t in v.items()} for k, v in state["versions"].items()}
+            device = self._device()
+            self.fisher = {k: v.to(device, copy=True) for k, v in state["fisher"].items()}
+            self.versions = {int(k): {n: t.to(device, copy=True) for n, t in v.items()}
+                             for k, v in state["versions"].items()}
             self.version, self.good_version = int(state["version"]), int(state["good_version"])
             self._next_version = int(state["next_version"])
             counters = state["counters"]
@@ -912,14 +961,19 @@ class SelfHealer:
             self.guard_trips, self.clean_streak = int(counters["guard_trips"]), int(counters["clean_streak"])
             self._episode_trips, self.hold = int(counters["episode_trips"]), bool(counters["hold"])
             self.suspended = bool(counters["suspended"])
-            self._mean_probs = None if state["mean_probs"] is None else state["mean_probs"].clone()
+            self._mean_probs = None if state["mean_probs"] is None else state["mean_probs"].to(device, copy=True)
             self._label_shift = state["label_shift"]
-            self._pending = [t.clone() for t in state["pending"]]
+            self._pending = [t.to(device, copy=True) for t in state["pending"]]
             self._robust = bool(state["robust"])
             self._reference_probs = None if state["reference_probs"] is None else state["reference_probs"].clone()
             self._long_probs = None if state["long_probs"] is None else state["long_probs"].clone()
             self._input_taps = list(state["input_taps"])
             self._score_at_activation = state["score_at_activation"]
+            averages = state["guard_averages"]
+            self._agreement = averages["agreement"]
+            self._adapted_probs = None if averages["adapted"] is None else averages["adapted"].clone()
+            self._source_probs = None if averages["source"] is None else averages["source"].clone()
+            self._last_snapshot_step = int(state["last_snapshot_step"])
             self._downstream_baseline = state["downstream_baseline"]
             self._source_state = dict(self.versions[0])
             if self.active and self.config["mode"] == "deferred":
@@ -930,6 +984,8 @@ def _finite_rows(x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 0:
         raise ValueError("selfheal: a batch needs a batch dimension, got a 0-d tensor")
     if not x.is_floating_point():
+        return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    if x.numel() == 0:
         return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     return torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
 

@@ -670,9 +670,11 @@ class DriftMonitor:
         except RuntimeError:
             self.discard_pending()
             raise
-        if rows == 0:
+        if rows == 0 and self.process_group is None:
             self.discard_pending()
             return self._empty_report()
+        # Under a process group an empty batch still joins the all_reduce
+        # (the other ranks are in it); the merged batch decides.
         with torch.no_grad():
             report = self._update(logits.to(self.device), rows)
         return report
@@ -690,6 +692,10 @@ class DriftMonitor:
             dist.all_reduce(self._batch_ints, group=self.process_group)
             dist.all_reduce(stats, group=self.process_group)
             samples = int(round(float(stats[_STAT_FINITE] + stats[_STAT_NONFINITE])))
+            if samples == 0:  # every rank's batch was empty
+                self._batch_ints.zero_()
+                self._rows_seen = {}
+                return self._empty_report()
 
         self._window.add(self._batch_ints, stats, samples)
         totals, window_stats, window_samples = self._window.totals()

@@ -83,7 +83,10 @@ def test_reset_restores_bit_identical_outputs(task, source_model):
     assert healer.steps > 0
     probe = task.sample(64)[0]
     healer.reset()
-    assert not healer.active and healer.version == 0
+    assert not healer.active and healer.version == 0 and list(healer.versions) == [0]
+    fresh = make_healer(task, source_model)
+    for name, value in healer.adapters.state_dict().items():  # every tensor, down projections included
+        assert torch.equal(value, fresh.adapters.state_dict()[name]), name
     with torch.no_grad():
         assert torch.equal(healer.model(probe), source_model(probe))
     assert torch.equal(healer(probe), source_model(probe).detach())
@@ -244,6 +247,8 @@ def test_batch_of_one_and_bad_arguments(task, source_model):
         healer(x)
     for name, value in healer.adapters.state_dict().items():
         assert torch.isfinite(value).all(), name
+    assert healer.active
+    assert healer(task.sample(4)[0][:0]).shape == (0, C)  # an empty batch while healing
     fresh = SelfHealer(copy.deepcopy(source_model), monitor_options=MONITOR)
     with pytest.raises(RuntimeError, match="calibrate"):
         fresh(task.sample(4)[0])
@@ -251,4 +256,6 @@ def test_batch_of_one_and_bad_arguments(task, source_model):
         healer([1, 2, 3])
     with pytest.raises(ValueError, match="mode"):
         SelfHealer(copy.deepcopy(source_model), mode="sometimes")
+    with pytest.raises(ValueError, match="process_group"):
+        SelfHealer(copy.deepcopy(source_model), mode="deferred", process_group=object())
     assert math.isfinite(healer.adapters.budget_fraction) and healer.adapters.budget_fraction <= 0.05
