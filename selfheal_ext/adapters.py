@@ -142,20 +142,22 @@ class NormStatsAdapter(nn.Module):
         values = x.float()
         # One pass for both moments; a NaN/Inf anywhere in x shows up in them.
         batch_var, batch_mean = torch.var_mean(values, dim=dims, unbiased=False)
-        finite = bool(torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all())
+        # A 0-d flag, used through torch.where: no host read on the serving path.
+        finite = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
         # Counted in samples: the values of one sample's feature map are
         # correlated, so a single image must not outweigh the source.
         count = values.shape[0]
-        if self.update_running and finite:
+        if self.update_running:
             with torch.no_grad():
                 # moments of the mixture (recent stream, this batch): a batch
                 # of one has no variance of its own, its distance to the
-                # running mean supplies it
+                # running mean supplies it; a non-finite batch changes nothing
                 m = count / (count + self.running_horizon)
-                delta = batch_mean.detach() - self.running_mean
-                self.running_var.mul_(1 - m).add_(batch_var.detach(), alpha=m).add_(delta * delta, alpha=m * (1 - m))
+                delta = torch.where(finite, batch_mean.detach() - self.running_mean, 0.0)
+                updated = (1 - m) * self.running_var + m * batch_var.detach() + m * (1 - m) * delta * delta
+                self.running_var.copy_(torch.where(finite, updated, self.running_var))
                 self.running_mean.add_(delta, alpha=m)
-        if self.robust or not finite or count < self.min_batch:
+        if self.robust or count < self.min_batch:
             # small batches: the recent stream's statistics (this batch included)
             return self.running_mean, self.running_var
         weight = count / (count + self.prior)
@@ -163,7 +165,7 @@ class NormStatsAdapter(nn.Module):
         # total variance of the mixture: within + between components
         var = (weight * batch_var + (1 - weight) * self.source_var
                + weight * (1 - weight) * (batch_mean - self.source_mean) ** 2)
-        return mean, var
+        return torch.where(finite, mean, self.running_mean), torch.where(finite, var, self.running_var)
 
     def normalise(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         mean, var = self.statistics(x)

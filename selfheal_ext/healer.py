@@ -35,7 +35,7 @@ from torch import nn
 
 from . import ops
 from .adapters import ADAPTER_KINDS, AdapterSet, attach_adapters
-from .monitor import DriftMonitor, DriftReport
+from .monitor import DriftMonitor, DriftReport, as_logits
 from .taps import default_taps
 
 _EVENT_LIMIT = 10_000
@@ -227,7 +227,6 @@ class SelfHealer:
         self._adapted_probs: Optional[torch.Tensor] = None
         self._source_probs: Optional[torch.Tensor] = None
         self._agreement: Optional[float] = None
-        self._score_at_activation: Optional[float] = None
         self._downstream_baseline: Optional[float] = None
         self._label_shift: Optional[float] = None
         self._robust = False
@@ -276,14 +275,7 @@ class SelfHealer:
         return batch
 
     def _logits(self, output) -> torch.Tensor:
-        logits = self.logits_fn(output) if self.logits_fn is not None else output
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
-        if logits.dim() == 1:
-            logits = logits.unsqueeze(1)
-        if logits.shape[1] == 1:
-            logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
-        return logits
+        return as_logits(output, self.logits_fn)
 
     def _fit_fisher(self, batches) -> None:
         """Diagonal Fisher of the adapter parameters at the source (adapters
@@ -442,7 +434,6 @@ class SelfHealer:
     def _activate(self, report: DriftReport) -> None:
         self.adapters.active = True
         self.clean_streak = 0
-        self._score_at_activation = report.score
         self._downstream_baseline = None
         self._adapted_probs = None
         self._source_probs = None
@@ -695,13 +686,13 @@ class SelfHealer:
                 return
             torch.nn.utils.clip_grad_norm_(list(parameters.values()), 1.0)
             optimizer.step()
-            self._project(parameters)
+            shift = self._project(parameters)
         finally:
             adapters.set_update_running(True)
         self.steps += 1
         self._step_times.append(now)
         self._event("step", loss=float(loss.detach()) if loss is not None else 0.0, selected=count,
-                    samples=int(x.shape[0]), shift=self._shift(parameters))
+                    samples=int(x.shape[0]), shift=shift)
         if self.config["reset_every"] and self.steps % self.config["reset_every"] == 0:
             # the adapters and optimizer this step trained (the deferred
             # worker's copies in deferred mode; its next publish carries it)
@@ -734,8 +725,9 @@ class SelfHealer:
             loss = entropy.sum() * 0.0
         return loss + self.config["anchor"] * anchor, count
 
-    def _project(self, parameters: Dict[str, torch.Tensor]) -> None:
-        """Keeps the adapters within ``max_shift`` (L2) of the source."""
+    def _project(self, parameters: Dict[str, torch.Tensor]) -> float:
+        """Keeps the adapters within ``max_shift`` (L2) of the source; returns
+        their distance from it afterwards."""
         shift = self._shift(parameters)
         cap = self.config["max_shift"]
         if shift > cap:
@@ -744,11 +736,13 @@ class SelfHealer:
                 for name, p in parameters.items():
                     source = self._source_state[name]
                     p.copy_(source + (p - source) * factor)
+            shift = cap
+        return shift
 
     def _shift(self, parameters: Dict[str, torch.Tensor]) -> float:
-        with torch.no_grad():
-            total = sum(float(((p - self._source_state[name]) ** 2).sum()) for name, p in parameters.items())
-        return math.sqrt(total)
+        with torch.no_grad():  # one host read for all parameters
+            total = sum(((p - self._source_state[name]) ** 2).sum() for name, p in parameters.items())
+        return math.sqrt(float(total))
 
     def _reset_optimizer(self) -> None:
         if self.optimizer is not None:
@@ -926,7 +920,6 @@ class SelfHealer:
                 "reference_probs": None if self._reference_probs is None else self._reference_probs.clone(),
                 "long_probs": None if self._long_probs is None else self._long_probs.clone(),
                 "input_taps": list(self._input_taps),
-                "score_at_activation": self._score_at_activation,
                 "guard_averages": {"agreement": self._agreement,
                                    "adapted": None if self._adapted_probs is None else self._adapted_probs.clone(),
                                    "source": None if self._source_probs is None else self._source_probs.clone()},
@@ -968,7 +961,6 @@ class SelfHealer:
             self._reference_probs = None if state["reference_probs"] is None else state["reference_probs"].clone()
             self._long_probs = None if state["long_probs"] is None else state["long_probs"].clone()
             self._input_taps = list(state["input_taps"])
-            self._score_at_activation = state["score_at_activation"]
             averages = state["guard_averages"]
             self._agreement = averages["agreement"]
             self._adapted_probs = None if averages["adapted"] is None else averages["adapted"].clone()
@@ -988,10 +980,6 @@ def _finite_rows(x: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:
         return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     return torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-
-
-def _effective_classes(probs: torch.Tensor) -> float:
-    return _effective_from_mean(probs.mean(dim=0))
 
 
 def _effective_from_mean(mean: torch.Tensor) -> float:

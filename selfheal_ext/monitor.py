@@ -308,19 +308,7 @@ class DriftMonitor:
                                          self.lo[start:stop], self.hi[start:stop])
 
     def _logits(self, output) -> torch.Tensor:
-        logits = self.logits_fn(output) if self.logits_fn is not None else output
-        if isinstance(logits, (tuple, list)) and logits and isinstance(logits[0], torch.Tensor):
-            logits = logits[0]
-        if not isinstance(logits, torch.Tensor):
-            raise TypeError(f"selfheal: the model output is a {type(logits).__name__}; "
-                            "pass logits_fn= to say where the logits are")
-        if logits.dim() == 1:
-            logits = logits.unsqueeze(1)
-        if logits.dim() != 2:
-            raise ValueError(f"selfheal: logits must be [N, C], got shape {tuple(logits.shape)}")
-        if logits.shape[1] == 1:  # one logit: a binary classifier's positive class
-            logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
-        return logits.detach()
+        return as_logits(output, self.logits_fn).detach()
 
     def _confidence(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Entropy and calibrated confidence (max probability) per row, fused."""
@@ -919,6 +907,25 @@ class DriftMonitor:
         self.cusum = cusum
         self.batches_seen, self.alarms = int(state["batches_seen"]), int(state["alarms"])
         self.calibrated = True
+
+
+def as_logits(output, logits_fn: Optional[Callable] = None) -> torch.Tensor:
+    """``[N, C]`` logits from a model's output (through ``logits_fn`` if given;
+    the first tensor of a tuple; ``[N]`` and single-logit outputs as a binary
+    classifier's two classes). Keeps the autograd graph."""
+    logits = logits_fn(output) if logits_fn is not None else output
+    if isinstance(logits, (tuple, list)) and logits and isinstance(logits[0], torch.Tensor):
+        logits = logits[0]
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"selfheal: the model output is a {type(logits).__name__}; "
+                        "pass logits_fn= to say where the logits are")
+    if logits.dim() == 1:
+        logits = logits.unsqueeze(1)
+    if logits.dim() != 2:
+        raise ValueError(f"selfheal: logits must be [N, C], got shape {tuple(logits.shape)}")
+    if logits.shape[1] == 1:  # one logit: a binary classifier's positive class
+        logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
+    return logits
 
 
 def _split_batch(batch, labels_in_batches: Optional[bool]):
