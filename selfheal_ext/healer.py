@@ -24,9 +24,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import queue
 import threading
 import time
+import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -35,7 +38,9 @@ from torch import nn
 
 from . import ops
 from .adapters import ADAPTER_KINDS, AdapterSet, attach_adapters
+from .governance import AuditLog, BiasGuard, Policy, SnapshotStore, SnapshotError, tensor_digest
 from .monitor import DriftMonitor, DriftReport, as_logits
+from .rules import RuleContext, check_rules, total_penalty, validate_rules
 from .taps import default_taps
 
 _EVENT_LIMIT = 10_000
@@ -45,8 +50,10 @@ _KEEP_VERSIONS = 20
 
 @dataclass
 class HealEvent:
-    """One thing the healer did: ``kind`` in activate, release, step, skip,
-    guard, rollback, reset, snapshot."""
+    """One thing the healer did: ``kind`` in drift, activate, release, step,
+    skip, guard, hold, suspend, rollback, reset, snapshot, policy, bias,
+    rule_violation, proposal, proposal_refused, approve, reject,
+    worker_error. With an audit log, every event is also an audit record."""
     batch: int
     kind: str
     version: int
@@ -101,6 +108,26 @@ class SelfHealer:
         monitor_options: keyword arguments for the ``DriftMonitor``.
         process_group: a ``torch.distributed`` group: counts, decisions and
             adapter gradients are merged across its ranks.
+        audit: an ``AuditLog`` or a path to one (SQLite): every event becomes
+            a hash-chained record (pass it on one rank of a process group).
+        snapshots: a ``SnapshotStore`` or a directory for content-addressed
+            adapter snapshots (default with ``audit``: ``<audit path>.snapshots``).
+        approval: stage adaptations as proposals; the model serves the last
+            approved version until ``approve(id)`` (or ``selfheal audit
+            approve`` against the audit log).
+        policy: a ``Policy`` (rate, weight change, allowed hours).
+        rules: ``selfheal_ext.rules`` rules: penalties in the loss, and a gate
+            after every step (a version that violates one more than the source
+            does on the recent buffer is rolled back).
+        bias_guard: a ``BiasGuard``: adaptation that moves the predicted-class
+            mix (or a group's positive rate) beyond its bounds is stopped.
+        keep_versions: snapshots kept besides the source, the last good and
+            every approved version.
+        buffer_size: rows of recent served inputs kept for rule checks and
+            proposal evidence.
+        proposal_steps: staged steps per proposal (approval mode).
+        poll_interval: seconds between checks of the audit log for decisions
+            made with the CLI (approval mode).
     """
 
     def __init__(
@@ -130,6 +157,16 @@ class SelfHealer:
         logits_fn: Optional[Callable] = None,
         process_group=None,
         seed: int = 0,
+        audit=None,
+        snapshots=None,
+        approval: bool = False,
+        policy: Optional[Policy] = None,
+        rules: Sequence = (),
+        bias_guard: Optional[BiasGuard] = None,
+        keep_versions: int = _KEEP_VERSIONS,
+        buffer_size: int = 256,
+        proposal_steps: int = 20,
+        poll_interval: float = 1.0,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"selfheal: SelfHealer wraps an nn.Module, got {type(model).__name__}")
@@ -138,6 +175,16 @@ class SelfHealer:
         if mode == "deferred" and process_group is not None:
             raise ValueError("selfheal: mode='deferred' cannot be combined with a process_group (the worker's "
                              "collectives would interleave with the serving thread's); use mode='inline'")
+        if approval and (mode != "inline" or process_group is not None):
+            raise ValueError("selfheal: approval mode runs inline on one process (mode='inline', no process_group)")
+        if policy is not None and max_steps_per_minute is not None:
+            raise ValueError("selfheal: give max_steps_per_minute either directly or in the policy, not both")
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"selfheal: policy must be a selfheal_ext.governance.Policy, got {type(policy).__name__}")
+        if bias_guard is not None and not isinstance(bias_guard, BiasGuard):
+            raise TypeError(f"selfheal: bias_guard must be a BiasGuard, got {type(bias_guard).__name__}")
+        if int(keep_versions) < 1 or int(buffer_size) < 1 or int(proposal_steps) < 1:
+            raise ValueError("selfheal: keep_versions, buffer_size and proposal_steps must be >= 1")
         if not lr > 0:
             raise ValueError(f"selfheal: lr must be > 0, got {lr}")
         if not 0 < entropy_margin <= 1:
@@ -153,8 +200,19 @@ class SelfHealer:
             "agreement_floor": float(agreement_floor), "label_shift": float(label_shift),
             "min_step_samples": int(min_step_samples),
             "divergence_rise": float(divergence_rise), "mode": mode, "replay_size": int(replay_size),
-            "seed": int(seed),
+            "seed": int(seed), "approval": bool(approval), "keep_versions": int(keep_versions),
+            "buffer_size": int(buffer_size), "proposal_steps": int(proposal_steps),
+            "poll_interval": float(poll_interval),
         }
+        self.policy = policy if policy is not None else Policy(max_steps_per_minute=max_steps_per_minute)
+        self.rules = validate_rules(rules)
+        self.bias_guard = bias_guard
+        self.audit: Optional[AuditLog] = audit if audit is None or isinstance(audit, AuditLog) else AuditLog(audit)
+        if snapshots is None and self.audit is not None:
+            snapshots = str(self.audit.path) + ".snapshots"
+        self.snapshots: Optional[SnapshotStore] = \
+            snapshots if snapshots is None or isinstance(snapshots, SnapshotStore) else SnapshotStore(snapshots)
+        self.audit_error: Optional[str] = None
         self.logits_fn = logits_fn
         self.process_group = process_group
         self.adapters: AdapterSet = attach_adapters(model, budget=budget, targets=adapter_targets,
@@ -182,6 +240,14 @@ class SelfHealer:
         self._shadow = None
         self._reference_probs: Optional[torch.Tensor] = None
         self._long_probs: Optional[torch.Tensor] = None
+        self._source_digest = tensor_digest(self._source_state)
+        self._approved_digests = {self._source_digest}
+        if self.snapshots is not None:
+            self.snapshots.save(self._source_state, {"version": 0, "kind": "source"})
+        # decisions made with the CLI before this healer started are not its own
+        self._request_seq = len(self.audit) and self.audit.records(newest_first=True, limit=1)[0].seq \
+            if self.audit is not None else 0
+        self._last_poll = 0.0
         self._reset_runtime()
 
     # ---------------------------------------------------------------- set-up
@@ -207,6 +273,16 @@ class SelfHealer:
         self.adapters.active = False
         self._to_source()
         self.versions = {0: self._source_state}
+        self.version_digests = {0: self._source_digest}
+        self._recent: deque = deque()
+        self._recent_rows = 0
+        self.approved_version = 0
+        self.proposals: Dict[str, Dict[str, Any]] = {}
+        self._stage = None
+        self._stage_steps = 0
+        self._policy_blocked: Optional[str] = None
+        if self.bias_guard is not None:
+            self.bias_guard.reset()
         self.good_version = 0
         self._last_snapshot_step = 0
         self.adapters.set_robust(False)
@@ -360,6 +436,8 @@ class SelfHealer:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"selfheal: SelfHealer takes a tensor batch, got {type(x).__name__}")
         with self._lock:
+            if self.config["approval"]:
+                return self._serve_approved(x)
             # Not diverse enough to trust (label-ordered streams): normalise
             # with the running statistics and do not update them from these
             # batches (a run of one class would slowly poison them too).
@@ -368,18 +446,55 @@ class SelfHealer:
             self.adapters.set_update_running(not robust)
             with torch.no_grad(), self.monitor.watching():
                 output = self.model(x)
-            report = self.monitor.update(output)
-            self.drift = report
-            self.batches += 1
+            report = self._read(output)
             logits = self._logits(output).detach()
+            if self.rules or self.bias_guard is not None:
+                self._remember(x)
             if self.active or self.suspended:
                 self._after_batch(x, logits, report)
             else:
                 self._track(logits)
-                if report.drift:
+                if report.drift and self.audit_error is None:
                     self._activate(report)
                     self._after_batch(x, logits, report)
         return output
+
+    def _read(self, output) -> DriftReport:
+        """The monitor's decision for the batch just served; the onset of an
+        alarm is an event (with the score and its attribution)."""
+        previous = self.drift
+        report = self.monitor.update(output)
+        self.drift = report
+        self.batches += 1
+        if report.drift and not (previous is not None and previous.drift):
+            attribution = report.attribution
+            self._event("drift", score=report.score, threshold=report.threshold, reasons=list(report.reasons),
+                        cusum=list(report.cusum), accuracy_estimate=report.accuracy_estimate,
+                        signals=attribution.signals if attribution else {},
+                        features=attribution.features if attribution else {})
+        return report
+
+    def _remember(self, x: torch.Tensor) -> None:
+        """Keeps the newest ``buffer_size`` finite rows of served inputs (rule
+        checks, proposal evidence)."""
+        if x.dim() == 0 or x.shape[0] == 0:
+            return
+        rows = x[_finite_rows(x)].detach()
+        if rows.shape[0] == 0:
+            return
+        if self._recent and self._recent[0].shape[1:] != rows.shape[1:]:
+            self._recent.clear()  # the input shape changed: old rows cannot be batched with new ones
+            self._recent_rows = 0
+        self._recent.append(rows.clone())
+        self._recent_rows += rows.shape[0]
+        limit = self.config["buffer_size"]
+        while self._recent and self._recent_rows - self._recent[0].shape[0] >= limit:
+            self._recent_rows -= self._recent.popleft().shape[0]
+
+    def _buffer(self) -> Optional[torch.Tensor]:
+        if not self._recent:
+            return None
+        return torch.cat(list(self._recent))[-self.config["buffer_size"]:]
 
     def _robust_norm(self) -> bool:
         """Classes arriving in runs (label-ordered streams): BatchNorm
@@ -462,7 +577,21 @@ class SelfHealer:
         self._track_merged(stats)
         if self._guards(stats, report):
             return
+        if self.bias_guard is not None and source_logits is not None and not self._robust:
+            reason = self.bias_guard.update(x, logits, source_logits)
+            if reason is not None:
+                self._stop_adapting("bias", reason, **self.bias_guard.last)
+                return
+        self._adapt(x)
+        if self.rules and self.active and not self.suspended:
+            # every batch, stepped or not: statistics adaptation alone changes
+            # predictions too (a violation in hold suspends adaptation)
+            self._gate_rules()
+
+    def _adapt(self, x: torch.Tensor) -> None:
         if self.hold:
+            return
+        if not self._policy_allows():
             return
         if self._robust_norm():
             # Batches far less diverse than healthy ones (classes arriving in
@@ -478,6 +607,83 @@ class SelfHealer:
             self._step(x)
         else:
             self._enqueue(x)
+
+    # -------------------------------------------------------------- policy
+
+    def _policy_allows(self) -> bool:
+        """Allowed hours of the policy: outside them no step is taken (one
+        ``policy`` event when the block starts)."""
+        if self.policy.hours_allow():
+            if self._policy_blocked == "hours":
+                self._policy_blocked = None
+            return True
+        if self._policy_blocked != "hours":
+            self._policy_blocked = "hours"
+            self._event("policy", limit="allowed_hours", value=self.policy.clock().hour,
+                        bound=list(self.policy.allowed_hours), action="no steps until the allowed hours")
+        return False
+
+    def _stop_adapting(self, kind: str, reason: str, **detail) -> None:
+        """A limit was violated: back to the last good version (the source if
+        none) and no more adapter training in this drift episode."""
+        self._event(kind, reason=reason, **detail)
+        self._restore(self.good_version, reason=kind, keep_active=True)
+        if not self.hold:
+            self.hold = True
+            self._event("hold", reason=reason)
+
+    def _gate_rules(self) -> None:
+        """After a step: the adapted model against the source on the recent
+        buffer; a rule it violates more than the source does trips the guard
+        (the version is refused and rolled back)."""
+        # The restored version is checked too: good version, then the source
+        # weights (hold), then suspension (the source model exactly).
+        for _ in range(_MAX_EPISODE_TRIPS + 2):
+            if not self.active or self.suspended:
+                return
+            results = self._check_rules_on(self.model, self.adapters)
+            failed = [r for r in results if not r.ok]
+            if not failed:
+                return
+            self._trip("; ".join(f"rule {r.rule!r} violated ({r.violation:.4g} vs source "
+                                 f"{r.source_violation if r.source_violation is None else round(r.source_violation, 6)})"
+                                 for r in failed),
+                       kind="rule_violation", results=[r.as_dict() for r in results])
+
+    def _check_rules_on(self, model: nn.Module, adapters: AdapterSet, inputs: Optional[torch.Tensor] = None):
+        inputs = self._buffer() if inputs is None else inputs
+        if inputs is None or not self.rules:
+            return []
+        context = self._rule_context(model, adapters, inputs, grad=False)
+        return check_rules(self.rules, context)
+
+    def _rule_context(self, model: nn.Module, adapters: AdapterSet, inputs: torch.Tensor, grad: bool,
+                      logits: Optional[torch.Tensor] = None) -> RuleContext:
+        """Adapted and source probabilities of ``inputs`` (``logits``: the
+        adapted ones, already computed with grad), and model functions for
+        rules that query other inputs. Runs without touching the monitor or
+        the BatchNorm statistics; adapters in serving configuration."""
+        quiet = self.monitor.paused if model is self.model else contextlib.nullcontext
+        was_active, was_update = adapters.active, [a.update_running for a in adapters.norm_adapters()]
+
+        def probs_fn(active: bool, with_grad: bool):
+            def run(z: torch.Tensor) -> torch.Tensor:
+                adapters.active = active
+                adapters.set_update_running(False)
+                try:
+                    with quiet(), (torch.enable_grad() if with_grad else torch.no_grad()):
+                        return torch.softmax(self._logits(model(z)).float(), dim=1)
+                finally:
+                    adapters.active = was_active
+                    for a, flag in zip(adapters.norm_adapters(), was_update):
+                        a.update_running = flag
+            return run
+
+        adapted_fn, source_fn = probs_fn(True, grad), probs_fn(False, False)
+        probs = torch.softmax(logits.float(), dim=1) if logits is not None else adapted_fn(inputs)
+        needs_source = any(r.needs_source or not grad for r in self.rules)
+        source = source_fn(inputs) if needs_source else None
+        return RuleContext(inputs=inputs, probs=probs, source_probs=source, model=adapted_fn, source_model=source_fn)
 
     def _gather_small(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """Small batches (fewer than ``min_step_samples`` rows, e.g. one
@@ -589,14 +795,21 @@ class SelfHealer:
                 self._last_snapshot_step = self.steps
                 self._snapshot(good=True)
             return False
+        self._trip(reason)
+        return True
+
+    def _trip(self, reason: str, kind: str = "guard", **detail) -> None:
+        """A guard (or a rule) refused the current version: restore the last
+        good one (the source after repeated trips), halve the learning rate;
+        three trips in one drift episode put adapter training on hold."""
         self.guard_trips += 1
         self._episode_trips += 1
-        self._event("guard", reason=reason, trips_this_drift=self._episode_trips)
+        self._event(kind, reason=reason, trips_this_drift=self._episode_trips, **detail)
         target = self.good_version if self._episode_trips < _MAX_EPISODE_TRIPS else 0
         # The drift is still there: the adapters stay active (at the source
         # weights when no good version was kept), statistics adaptation included.
         self.learning_rate *= 0.5  # before the restore: a restarted deferred worker takes it
-        self._restore(target, reason="guard", keep_active=True)
+        self._restore(target, reason=kind, keep_active=True)
         if self.hold:
             # Tripped again with the weights held at the source: the statistics
             # adaptation itself hurts this stream. Serve the source model until
@@ -615,30 +828,35 @@ class SelfHealer:
         self._source_probs = None
         self._agreement = None
         self._downstream_baseline = None
-        return True
 
     # ---------------------------------------------------------- adaptation
 
     def _step(self, x: torch.Tensor, adapters: Optional[AdapterSet] = None, model: Optional[nn.Module] = None,
-              optimizer=None) -> None:
-        """One adaptation step on ``x``. Under a process group every rank runs
-        the same collectives whatever its own batch holds (a rank with no
-        usable sample contributes zero gradients), and every skip is decided
-        for all ranks together."""
+              optimizer=None) -> bool:
+        """One adaptation step on ``x``; True when one was taken. Under a
+        process group every rank runs the same collectives whatever its own
+        batch holds (a rank with no usable sample contributes zero gradients),
+        and every skip is decided for all ranks together."""
         adapters = adapters or self.adapters
         model = model or self.model
         optimizer = optimizer or self.optimizer
         if optimizer is None:
             # statistics-only adaptation: the served forward already updated them
             self.steps += 1
-            return
-        limit = self.config["max_steps_per_minute"]
+            return True
+        limit = self.policy.max_steps_per_minute
         now = time.monotonic()
         skip = None
         if limit is not None:
             self._step_times = [t for t in self._step_times if now - t < 60.0]
             if len(self._step_times) >= limit:
                 skip = "rate limit"
+                if self._policy_blocked != "rate":
+                    self._policy_blocked = "rate"
+                    self._event("policy", limit="max_steps_per_minute", value=len(self._step_times),
+                                bound=limit, action="steps refused until the rate allows")
+            elif self._policy_blocked == "rate":
+                self._policy_blocked = None
         x = x[_finite_rows(x)]
         parameters = dict(adapters.named_parameters())
         count, loss = 0, None
@@ -652,7 +870,7 @@ class SelfHealer:
                 with torch.enable_grad(), quiet:
                     for p in parameters.values():
                         p.requires_grad_(True)
-                    loss, count = self._loss(model(x), parameters)
+                    loss, count = self._loss(model(x), parameters, x, model, adapters)
                     if bool(torch.isfinite(loss)) and count:
                         loss.backward()
                     elif not bool(torch.isfinite(loss)):
@@ -682,28 +900,47 @@ class SelfHealer:
                 skip = "non-finite gradient"
             if skip is not None:
                 optimizer.zero_grad(set_to_none=True)
-                self._event("skip", reason=skip, samples=int(x.shape[0]))
-                return
+                if skip != "rate limit":
+                    self._event("skip", reason=skip, samples=int(x.shape[0]))
+                return False
+            before = {name: p.detach().clone() for name, p in parameters.items()}
             torch.nn.utils.clip_grad_norm_(list(parameters.values()), 1.0)
             optimizer.step()
             shift = self._project(parameters)
+            with torch.no_grad():
+                change = math.sqrt(float(sum(((p - before[name]) ** 2).sum() for name, p in parameters.items())))
+            cap = self.policy.max_weight_change
+            if cap is not None and shift > cap:
+                with torch.no_grad():
+                    for name, p in parameters.items():
+                        p.copy_(before[name])
+                optimizer.state.clear()
+                self.hold = True
+                self._event("policy", limit="max_weight_change", value=shift, bound=cap,
+                            action="step undone; adapter training stopped until the drift passes or resume()")
+                return False
         finally:
             adapters.set_update_running(True)
         self.steps += 1
         self._step_times.append(now)
-        self._event("step", loss=float(loss.detach()) if loss is not None else 0.0, selected=count,
-                    samples=int(x.shape[0]), shift=shift)
+        state_hash = tensor_digest(adapters.state_dict()) if self.audit is not None else None
+        self._event("step", state_hash=state_hash, loss=float(loss.detach()) if loss is not None else 0.0,
+                    selected=count, samples=int(x.shape[0]), shift=shift, change=change,
+                    score=self.drift.score if self.drift is not None else None,
+                    learning_rate=optimizer.param_groups[0]["lr"])
         if self.config["reset_every"] and self.steps % self.config["reset_every"] == 0:
             # the adapters and optimizer this step trained (the deferred
             # worker's copies in deferred mode; its next publish carries it)
             self._to_source(adapters)
             optimizer.state.clear()
             self._event("reset", reason="periodic")
+        return True
 
-    def _loss(self, output, parameters) -> Tuple[torch.Tensor, int]:
+    def _loss(self, output, parameters, x=None, model=None, adapters=None) -> Tuple[torch.Tensor, int]:
         """EATA's objective: confidence-weighted entropy over reliable
         (entropy below ``entropy_margin * ln C``), non-redundant samples, plus
-        the Fisher anchor to the source adapters. Returns (loss, samples used)."""
+        the Fisher anchor to the source adapters and the rules' penalties.
+        Returns (loss, samples used)."""
         logits = self._logits(output)
         entropy, _ = ops.softmax_entropy(logits.float())
         margin = self.config["entropy_margin"] * math.log(logits.shape[1])
@@ -723,7 +960,12 @@ class SelfHealer:
             self._mean_probs = chosen if self._mean_probs is None else 0.9 * self._mean_probs + 0.1 * chosen
         else:
             loss = entropy.sum() * 0.0
-        return loss + self.config["anchor"] * anchor, count
+        loss = loss + self.config["anchor"] * anchor
+        if self.rules and x is not None and x.shape[0] > 0:
+            penalty = total_penalty(self.rules, self._rule_context(model, adapters, x, grad=True, logits=logits))
+            if penalty is not None:
+                loss = loss + penalty
+        return loss, count
 
     def _project(self, parameters: Dict[str, torch.Tensor]) -> float:
         """Keeps the adapters within ``max_shift`` (L2) of the source; returns
@@ -748,6 +990,240 @@ class SelfHealer:
         if self.optimizer is not None:
             self.optimizer = torch.optim.Adam(self.adapters.trainable(), lr=self.learning_rate)
 
+    # ------------------------------------------------------------ approval
+
+    def _serve_approved(self, x: torch.Tensor) -> torch.Tensor:
+        """Approval mode: the served model is the last approved version,
+        exactly (its BatchNorm statistics are the approved ones, not updated
+        by the stream); adaptation runs on a staged copy and is offered as
+        proposals."""
+        self._poll_decisions()
+        self.adapters.active = self.approved_version != 0
+        self.adapters.set_robust(True)
+        self.adapters.set_update_running(False)
+        with torch.no_grad(), self.monitor.watching():
+            output = self.model(x)
+        report = self._read(output)
+        logits = self._logits(output).detach()
+        self._remember(x)
+        self._stage_batch(x, logits, report)
+        return output
+
+    def _stage_batch(self, x: torch.Tensor, logits: torch.Tensor, report: DriftReport) -> None:
+        if self._stage is None:
+            self._track(logits)
+            if not report.drift or self.audit_error is not None:
+                return
+            self._start_stage(report)
+        else:
+            input_z = max((report.signals.get(name, 0.0) for name in self._input_taps), default=0.0)
+            clean = input_z < 0.5 * self.monitor.window_threshold and not report.drift
+            self.clean_streak = self.clean_streak + 1 if clean else 0
+            if self.clean_streak >= self._release_after(report) and not report.warming_up:
+                self._end_stage()
+                return
+            self._track(logits)
+        if self.hold or self.suspended or self._robust_norm() or not self._policy_allows():
+            return
+        if any(p["status"] == "pending" for p in self.proposals.values()):
+            return  # one proposal at a time: wait for the decision
+        x = self._gather_small(x)
+        if x is None:
+            return
+        model, shadow, optimizer = self._stage
+        with torch.no_grad():
+            # the staged copy's BatchNorm statistics follow the stream
+            shadow.set_robust(False)
+            shadow.set_update_running(True)
+            model(x)
+        if self._step(x, adapters=shadow, model=model, optimizer=optimizer):
+            self._stage_steps += 1
+            if self._stage_steps >= self.config["proposal_steps"]:
+                self._propose()
+
+    def _start_stage(self, report: DriftReport) -> None:
+        self._stage = self._detached_copy(self.versions[self.approved_version])
+        self._stage_steps = 0
+        self.clean_streak = 0
+        self._pending = []
+        self._event("activate", staged=True, score=report.score, reasons=list(report.reasons),
+                    top_signal=report.attribution.top_signal if report.attribution else None)
+
+    def _reset_stage_optimizer(self) -> None:
+        model, shadow, _ = self._stage
+        self._stage = (model, shadow, torch.optim.Adam(shadow.trainable(), lr=self.learning_rate)
+                       if shadow.trainable() else None)
+
+    def _end_stage(self) -> None:
+        """The drift passed: staging stops, pending proposals expire, the
+        served model is the source again."""
+        self._stage = None
+        for pid, proposal in self.proposals.items():
+            if proposal["status"] == "pending":
+                proposal["status"] = "expired"
+                self._event("proposal_expired", proposal=pid)
+        self.approved_version = 0
+        self.adapters.active = False
+        self._to_source()
+        self.version = 0
+        self.hold = False
+        self.suspended = False
+        self._episode_trips = 0
+        self.learning_rate = self.config["lr"]
+        self._event("release", clean_batches=self.clean_streak, staged=True)
+        self.clean_streak = 0
+
+    def _propose(self) -> Optional[str]:
+        """The staged adapters become a proposal, with the evidence for a
+        decision; one that collapses, breaks a rule or trips the bias guard on
+        the recent buffer is refused at once (and staging restarts from the
+        approved version at half the learning rate)."""
+        model, shadow, _ = self._stage
+        self._stage_steps = 0
+        state = {name: t.detach().clone() for name, t in shadow.state_dict().items()}
+        version = self._snapshot(state=state, event=False)
+        digest = self.version_digests[version]
+        pid = digest[:12]
+        evidence, problems = self._evidence(model, shadow)
+        if problems:
+            self.guard_trips += 1
+            self._episode_trips += 1
+            self._event("proposal_refused", state_hash=digest, proposal=pid, proposed_version=version,
+                        problems=problems, evidence=evidence)
+            shadow.load_state_dict(self.versions[self.approved_version])
+            self.learning_rate *= 0.5
+            self._reset_stage_optimizer()
+            if self._episode_trips >= _MAX_EPISODE_TRIPS and not self.hold:
+                self.hold = True
+                self._event("hold", reason=f"{self._episode_trips} refused proposals in one drift episode")
+            return None
+        self.proposals[pid] = {"id": pid, "version": version, "digest": digest, "status": "pending",
+                               "evidence": evidence, "time": time.time()}
+        self._event("proposal", state_hash=digest, proposal=pid, proposed_version=version, evidence=evidence)
+        return pid
+
+    def _evidence(self, model: nn.Module, shadow: AdapterSet) -> Tuple[Dict[str, Any], List[str]]:
+        """Source, approved and proposed models on the recent buffer: mean
+        entropy, estimated accuracy (calibrated confidence), effective number
+        of predicted classes, agreement with the source; rule checks; bias."""
+        x = self._buffer()
+        if x is None:
+            return {"rows": 0}, ["no buffered inputs to evaluate the proposal on"]
+        temperature = self.monitor.temperature
+
+        def summary(logits: torch.Tensor, source: torch.Tensor) -> Dict[str, float]:
+            probs = torch.softmax(logits.float() / temperature, dim=1)
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1)
+            return {"entropy": float(entropy.mean()), "accuracy_estimate": float(probs.max(dim=1).values.mean()),
+                    "effective_classes": _effective_from_mean(probs.mean(dim=0)),
+                    "agreement_with_source": float((logits.argmax(dim=1) == source.argmax(dim=1)).float().mean())}
+
+        shadow.set_robust(True)
+        shadow.set_update_running(False)
+        try:
+            with torch.no_grad():
+                proposed = self._logits(model(x)).float()
+                with self.monitor.paused():
+                    approved = self._logits(self.model(x)).float()
+                source = self._source_logits(x).float()
+            results = self._check_rules_on(model, shadow, x)
+        finally:
+            shadow.set_robust(False)
+            shadow.set_update_running(True)
+        parameters = dict(shadow.named_parameters())
+        evidence = {"rows": int(x.shape[0]), "source": summary(source, source), "approved": summary(approved, source),
+                    "proposed": summary(proposed, source), "rules": [r.as_dict() for r in results],
+                    "shift": self._shift(parameters) if parameters else 0.0}
+        problems = []
+        if evidence["proposed"]["effective_classes"] < \
+                self.config["collapse_ratio"] * evidence["source"]["effective_classes"]:
+            problems.append(f"collapse: {evidence['proposed']['effective_classes']:.2f} effective classes vs "
+                            f"{evidence['source']['effective_classes']:.2f} for the source")
+        problems.extend(f"rule {r.rule!r} violated" for r in results if not r.ok)
+        if self.bias_guard is not None:
+            reason, detail = self.bias_guard.evaluate(x, proposed, source)
+            evidence["bias"] = detail
+            if reason is not None:
+                problems.append(reason)
+        return evidence, problems
+
+    def pending_proposals(self) -> List[Dict[str, Any]]:
+        return [dict(p) for p in self.proposals.values() if p["status"] == "pending"]
+
+    def _proposal(self, proposal_id: str) -> Dict[str, Any]:
+        matches = [p for pid, p in self.proposals.items() if pid.startswith(str(proposal_id))] if proposal_id else []
+        if len(matches) != 1:
+            raise KeyError(f"selfheal: {'no' if not matches else 'more than one'} proposal matches "
+                           f"{proposal_id!r}; known: {sorted(self.proposals)}")
+        return matches[0]
+
+    def approve(self, proposal_id: str, by: str = "api", note: str = "", request: Optional[int] = None) -> int:
+        """Serves proposal ``proposal_id`` (its id or a unique prefix) from the
+        next batch on; returns its version."""
+        with self._lock:
+            proposal = self._proposal(proposal_id)
+            if proposal["status"] != "pending":
+                raise ValueError(f"selfheal: proposal {proposal['id']} is {proposal['status']}, not pending")
+            state = self.versions.get(proposal["version"])
+            if state is None:
+                state = self.versions[self._version_of_digest(proposal["digest"])]
+            self.adapters.load_state_dict(state)
+            self.approved_version = self.version = proposal["version"]
+            self._approved_digests.add(proposal["digest"])
+            self.adapters.active = True
+            proposal["status"] = "approved"
+            self._event("approve", state_hash=proposal["digest"], proposal=proposal["id"], by=by, note=note,
+                        request=request)
+            return proposal["version"]
+
+    def reject(self, proposal_id: str, by: str = "api", note: str = "", request: Optional[int] = None) -> None:
+        """Refuses a proposal: staging restarts from the approved version."""
+        with self._lock:
+            proposal = self._proposal(proposal_id)
+            if proposal["status"] != "pending":
+                raise ValueError(f"selfheal: proposal {proposal['id']} is {proposal['status']}, not pending")
+            proposal["status"] = "rejected"
+            if self._stage is not None:
+                self._stage[1].load_state_dict(self.versions[self.approved_version])
+                self._reset_stage_optimizer()
+            self._event("reject", state_hash=proposal["digest"], proposal=proposal["id"], by=by, note=note,
+                        request=request)
+
+    def _poll_decisions(self) -> None:
+        """Applies decisions written to the audit log by ``selfheal audit
+        approve/reject`` (checked at most every ``poll_interval`` seconds)."""
+        if self.audit is None or not self.proposals:
+            return
+        now = time.monotonic()
+        if now - self._last_poll < self.config["poll_interval"]:
+            return
+        self._last_poll = now
+        for record in self.audit.records(kinds=["approval_request"], after_seq=self._request_seq):
+            self._request_seq = record.seq
+            pid = str(record.payload.get("proposal", ""))
+            if pid not in self.proposals:
+                continue  # another healer's proposal
+            action = self.approve if record.payload.get("decision") == "approve" else self.reject
+            try:
+                action(pid, by=str(record.payload.get("by", "cli")), note=str(record.payload.get("note", "")),
+                       request=record.seq)
+            except ValueError as error:
+                self._event("decision_ignored", proposal=pid, request=record.seq, reason=str(error))
+
+    def resume(self) -> None:
+        """Lifts a hold or suspension (policy, guard or bias stop) for the
+        current drift episode. After an audit failure only ``reset()`` does."""
+        with self._lock:
+            if self.audit_error is not None:
+                raise RuntimeError(f"selfheal: the audit log failed ({self.audit_error}); reset() after fixing it")
+            self.hold = False
+            self.suspended = False
+            self._episode_trips = 0
+            self._policy_blocked = None
+            if self.version == 0 and self.drift is not None and self.drift.drift and not self.config["approval"]:
+                self.adapters.active = True
+            self._event("resume")
+
     # ------------------------------------------------------------ deferred
 
     def _enqueue(self, x: torch.Tensor) -> None:
@@ -767,18 +1243,7 @@ class SelfHealer:
     def _start_worker(self) -> None:
         if self._worker is not None:
             return
-        model = copy.deepcopy(self.model)
-        # The copy carries the served model's hooks (monitor taps, live
-        # adapters); the worker's model must run only its own adapters.
-        for module in model.modules():
-            module._forward_hooks.clear()
-            module._forward_pre_hooks.clear()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        shadow = AdapterSet(model, [copy.copy(p) for p in self.adapters.placements], seed=self.config["seed"])
-        shadow.load_state_dict(self.adapters.state_dict())
-        shadow.active = True
-        optimizer = torch.optim.Adam(shadow.trainable(), lr=self.learning_rate) if shadow.trainable() else None
+        model, shadow, optimizer = self._detached_copy(self.adapters.state_dict())
         self._stop = threading.Event()
         self._shadow = (model, shadow, optimizer)
 
@@ -800,6 +1265,24 @@ class SelfHealer:
 
         self._worker = threading.Thread(target=run, name="selfheal-deferred", daemon=True)
         self._worker.start()
+
+    def _detached_copy(self, state: Dict[str, torch.Tensor]):
+        """A copy of the model with its own active adapters loaded with
+        ``state`` and an optimizer for them: the deferred worker's and the
+        approval stage's model. It has no monitor."""
+        model = copy.deepcopy(self.model)
+        # The copy carries the served model's hooks (monitor taps, live
+        # adapters); it must run only its own adapters.
+        for module in model.modules():
+            module._forward_hooks.clear()
+            module._forward_pre_hooks.clear()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        shadow = AdapterSet(model, [copy.copy(p) for p in self.adapters.placements], seed=self.config["seed"])
+        shadow.load_state_dict(state)
+        shadow.active = True
+        optimizer = torch.optim.Adam(shadow.trainable(), lr=self.learning_rate) if shadow.trainable() else None
+        return model, shadow, optimizer
 
     def _publish(self, shadow: AdapterSet) -> None:
         """Copies the worker's adapter weights into the served ones between two
@@ -847,18 +1330,42 @@ class SelfHealer:
     def _adapter_state(self) -> Dict[str, torch.Tensor]:
         return {name: value.detach().clone() for name, value in self.adapters.state_dict().items()}
 
-    def _snapshot(self, good: bool = False) -> int:
-        version = self._next_version
-        self._next_version += 1
-        self.versions[version] = self._adapter_state()
-        self.version = version
-        # keep the source and the most recent versions
-        for old in sorted(self.versions)[1:-_KEEP_VERSIONS]:
-            if old != self.good_version:
-                del self.versions[old]
+    def _snapshot(self, good: bool = False, state: Optional[Dict[str, torch.Tensor]] = None,
+                  event: bool = True) -> int:
+        version = self._register(self._adapter_state() if state is None else state)
+        if state is None:
+            self.version = version
         if good:
             self.good_version = version
-        self._event("snapshot", good=good)
+        if event:
+            self._event("snapshot", state_hash=self.version_digests[version], good=good, snapshot=version)
+        return version
+
+    def _register(self, state: Dict[str, torch.Tensor]) -> int:
+        """Adds ``state`` as a new version (stored on disk with a snapshot
+        store) and applies the retention policy: the source, the last good,
+        every approved and the newest ``keep_versions`` versions are kept."""
+        version = self._next_version
+        self._next_version += 1
+        digest = tensor_digest(state)
+        self.versions[version] = state
+        self.version_digests[version] = digest
+        if self.snapshots is not None:
+            self.snapshots.save(state, {"version": version, "steps": self.steps, "batches": self.batches,
+                                        "learning_rate": self.learning_rate, "time": time.time()})
+        keep = self.config["keep_versions"]
+        protected = {0, self.good_version, self.approved_version, version}
+        for old in sorted(self.versions)[1:-keep]:
+            if old in protected or self.version_digests.get(old) in self._approved_digests:
+                continue
+            if any(p["version"] == old and p["status"] == "pending" for p in self.proposals.values()):
+                continue
+            del self.versions[old]
+            dropped = self.version_digests.pop(old)
+            if self.snapshots is not None and dropped not in self.version_digests.values() \
+                    and dropped not in self._approved_digests:
+                path = self.snapshots.path(dropped)
+                path.unlink(missing_ok=True)
         return version
 
     def snapshot(self) -> int:
@@ -866,10 +1373,42 @@ class SelfHealer:
         with self._lock:
             return self._snapshot(good=True)
 
-    def rollback(self, version: int, reason: str = "requested") -> None:
-        """Restores adapter ``version`` (0: the source model, dormant)."""
+    def rollback(self, version, reason: str = "requested") -> int:
+        """Restores adapter ``version`` exactly: a version number of this
+        healer (0: the source model, dormant) or the ``state_hash`` of any
+        audited version held in the snapshot store. Returns the version now
+        served. In approval mode the restored version counts as approved
+        (the rollback is the operator's decision)."""
         with self._lock:
+            if isinstance(version, str):
+                version = self._version_of_digest(version)
+            version = int(version)
+            if version != 0 and version in self.versions:
+                self.adapters.active = True  # the restored version is served
             self._restore(version, reason)
+            if self.config["approval"]:
+                self.approved_version = self.version
+                self._approved_digests.add(self.version_digests[self.version])
+                self.adapters.active = self.version != 0
+                if self._stage is not None:
+                    self._stage[1].load_state_dict(self.versions[self.version])
+                    self._reset_stage_optimizer()
+            return self.version
+
+    def _version_of_digest(self, digest: str) -> int:
+        for number, known in self.version_digests.items():
+            if known == digest:
+                return number
+        if self.snapshots is None:
+            raise KeyError(f"selfheal: no adapter version with state hash {digest[:16]}… in memory and no "
+                           "snapshot store to load it from")
+        tensors, _ = self.snapshots.load(digest)
+        expected = set(self.adapters.state_dict())
+        if set(tensors) != expected:
+            raise SnapshotError(f"selfheal: snapshot {digest[:16]}… holds other adapters than this model's "
+                                f"(missing {sorted(expected - set(tensors))}, unexpected {sorted(set(tensors) - expected)})")
+        device = self._device()
+        return self._snapshot(state={k: v.to(device) for k, v in tensors.items()}, event=False)
 
     def _restore(self, version: int, reason: str, keep_active: bool = False) -> None:
         if version not in self.versions:
@@ -880,7 +1419,7 @@ class SelfHealer:
         if version == 0 and not keep_active:
             self.adapters.active = False
         self._reset_optimizer()
-        self._event("rollback", to=version, reason=reason)
+        self._event("rollback", state_hash=self.version_digests.get(version), to=version, reason=reason)
         if self.active and self.config["mode"] == "deferred":
             self._start_worker()
 
@@ -891,12 +1430,27 @@ class SelfHealer:
             self._stop_worker()
             self._reset_runtime()
             self.monitor.reset()
-            self._event("reset", reason="requested")
+            self.audit_error = None
+            self._event("reset", state_hash=self._source_digest, reason="requested")
 
-    def _event(self, kind: str, **detail) -> None:
+    def _event(self, kind: str, state_hash: Optional[str] = None, **detail) -> None:
         self.events.append(HealEvent(self.batches, kind, self.version, detail))
         if len(self.events) > _EVENT_LIMIT:
             del self.events[: len(self.events) - _EVENT_LIMIT]
+        if self.audit is None or self.audit_error is not None:
+            return
+        try:
+            self.audit.append(kind, version=self.version, batch=self.batches, state_hash=state_hash, **detail)
+        except Exception as error:  # noqa: BLE001 - disk full, locked database, ...
+            # Never adapt unaudited: serve the source model (or, in approval
+            # mode, the approved version) and stop adapting until reset().
+            self.audit_error = f"{type(error).__name__}: {error}"
+            warnings.warn(f"selfheal: audit log write failed ({self.audit_error}); adaptation is suspended "
+                          "until reset()", RuntimeWarning, stacklevel=3)
+            self.suspended = True
+            self.hold = True
+            if not self.config["approval"]:
+                self.adapters.active = False
 
     def state_dict(self) -> Dict[str, Any]:
         with self._lock:
@@ -926,6 +1480,19 @@ class SelfHealer:
                 "last_snapshot_step": self._last_snapshot_step,
                 "downstream_baseline": self._downstream_baseline,
                 "monitor": self.monitor.state_dict(),
+                "governance": {
+                    "version_digests": dict(self.version_digests),
+                    "approved_digests": sorted(self._approved_digests),
+                    "approved_version": self.approved_version,
+                    "proposals": copy.deepcopy(self.proposals),
+                    "stage": None if self._stage is None else {
+                        "adapters": {n: t.detach().clone() for n, t in self._stage[1].state_dict().items()},
+                        "optimizer": copy.deepcopy(self._stage[2].state_dict()) if self._stage[2] else None,
+                        "steps": self._stage_steps},
+                    "bias_guard": None if self.bias_guard is None else copy.deepcopy(self.bias_guard.state_dict()),
+                    "policy_blocked": self._policy_blocked,
+                    "recent": [t.clone() for t in self._recent],
+                },
             }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -968,6 +1535,24 @@ class SelfHealer:
             self._last_snapshot_step = int(state["last_snapshot_step"])
             self._downstream_baseline = state["downstream_baseline"]
             self._source_state = dict(self.versions[0])
+            governance = state.get("governance")
+            if governance is not None:
+                self.version_digests = {int(k): str(v) for k, v in governance["version_digests"].items()}
+                self._approved_digests = set(governance["approved_digests"]) | {self._source_digest}
+                self.approved_version = int(governance["approved_version"])
+                self.proposals = copy.deepcopy(governance["proposals"])
+                stage = governance["stage"]
+                self._stage = None
+                if stage is not None:
+                    self._stage = self._detached_copy(stage["adapters"])
+                    if self._stage[2] is not None and stage["optimizer"] is not None:
+                        self._stage[2].load_state_dict(copy.deepcopy(stage["optimizer"]))
+                    self._stage_steps = int(stage["steps"])
+                if self.bias_guard is not None and governance["bias_guard"] is not None:
+                    self.bias_guard.load_state_dict(governance["bias_guard"])
+                self._policy_blocked = governance["policy_blocked"]
+                self._recent = deque(t.to(device, copy=True) for t in governance["recent"])
+                self._recent_rows = sum(t.shape[0] for t in self._recent)
             if self.active and self.config["mode"] == "deferred":
                 self._start_worker()
 

@@ -1,0 +1,262 @@
+"""The ``selfheal`` command line.
+
+    selfheal audit verify  DB [--expect-head HASH]
+    selfheal audit show    DB [--kind KIND ...] [--since T] [--until T] [--version V] [--limit N] [--json]
+    selfheal audit export  DB OUT.jsonl [filters as for show]
+    selfheal audit proposals DB
+    selfheal audit approve DB PROPOSAL [--by NAME] [--note TEXT]
+    selfheal audit reject  DB PROPOSAL [--by NAME] [--note TEXT]
+
+Exit status: 0 success, 1 a check failed or a decision was refused (a broken
+chain, an unknown or already decided proposal), 2 bad input (missing or
+corrupt file, bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .governance import AuditError, AuditLog, AuditRecord
+
+_DECIDED = ("approve", "reject", "proposal_expired")
+
+
+class CommandError(Exception):
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
+
+
+def _time(value: str) -> float:
+    """Seconds since the epoch, or an ISO 8601 time (UTC unless it says otherwise)."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = _dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time: {value!r} (use ISO 8601, e.g. 2026-11-29T18:00, "
+                                         "or seconds since the epoch)") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=_dt.timezone.utc)
+    return parsed.timestamp()
+
+
+def _open(path: str, readonly: bool = True) -> AuditLog:
+    if not Path(path).exists():
+        raise CommandError(f"no audit database at {path!r}", 2)
+    try:
+        return AuditLog(path, readonly=readonly)
+    except AuditError as error:
+        raise CommandError(str(error).removeprefix("selfheal: "), 2) from None
+
+
+def _filters(args) -> Dict:
+    return {"kinds": args.kind or None, "since": args.since, "until": args.until, "version": args.version,
+            "limit": args.limit}
+
+
+def _short(value, width: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _summary(record: AuditRecord) -> str:
+    payload = record.payload
+    keys = {"step": ("loss", "selected", "shift", "change"), "drift": ("score", "threshold", "reasons"),
+            "guard": ("reason",), "rule_violation": ("reason",), "bias": ("reason",), "policy": ("limit", "value", "bound"),
+            "rollback": ("to", "reason"), "proposal": ("proposal",), "proposal_refused": ("proposal", "problems"),
+            "approve": ("proposal", "by"), "reject": ("proposal", "by"), "approval_request": ("proposal", "decision", "by")}
+    chosen = keys.get(record.kind, tuple(payload)[:3])
+    parts = []
+    for key in chosen:
+        if key in payload:
+            value = payload[key]
+            if isinstance(value, float):
+                value = f"{value:.4g}"
+            parts.append(f"{key}={_short(value, 40)}")
+    return " ".join(parts)
+
+
+def _table(records: List[AuditRecord]) -> str:
+    header = ("seq", "time (UTC)", "kind", "version", "batch", "state", "detail")
+    rows = [header]
+    for r in records:
+        when = _dt.datetime.fromtimestamp(r.time, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        rows.append((str(r.seq), when, r.kind, "" if r.version is None else str(r.version),
+                     "" if r.batch is None else str(r.batch), (r.state_hash or "")[:12], _summary(r)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = []
+    for index, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+        if index == 0:
+            lines.append("  ".join("-" * width for width in widths) + "  " + "-" * 6)
+    return "\n".join(lines)
+
+
+def proposals_in(log: AuditLog) -> List[Dict]:
+    """Proposals recorded in ``log`` with their status: pending, requested
+    (a decision was written, the healer has not applied it yet), approved,
+    rejected, expired."""
+    proposals: Dict[str, Dict] = {}
+    for record in log.records(kinds=["proposal", "approval_request", *_DECIDED]):
+        pid = str(record.payload.get("proposal", ""))
+        if record.kind == "proposal":
+            proposals[pid] = {"id": pid, "seq": record.seq, "time": record.time, "version": record.version,
+                              "proposed_version": record.payload.get("proposed_version"),
+                              "state_hash": record.state_hash, "status": "pending",
+                              "evidence": record.payload.get("evidence", {})}
+        elif pid in proposals:
+            if record.kind == "approval_request":
+                if proposals[pid]["status"] == "pending":
+                    proposals[pid]["status"] = f"requested ({record.payload.get('decision')})"
+            else:
+                proposals[pid]["status"] = {"approve": "approved", "reject": "rejected",
+                                            "proposal_expired": "expired"}[record.kind]
+    return list(proposals.values())
+
+
+def _cmd_verify(args) -> int:
+    log = _open(args.db)
+    result = log.verify(expect_head=args.expect_head)
+    log.close()
+    if result.ok:
+        print(f"ok: {result.records} records, chain intact, head {result.head}")
+        return 0
+    where = f" at record {result.first_bad}" if result.first_bad is not None else ""
+    print(f"BROKEN{where}: {result.reason} ({result.records} records verified before it)", file=sys.stderr)
+    return 1
+
+
+def _cmd_show(args) -> int:
+    log = _open(args.db)
+    records = log.records(**_filters(args))
+    log.close()
+    if args.json:
+        for record in records:
+            print(json.dumps(record.as_dict(), sort_keys=True))
+    elif not records:
+        print("no records match")
+    else:
+        print(_table(records))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    log = _open(args.db)
+    try:
+        count = log.export_jsonl(args.out, **_filters(args))
+    except OSError as error:
+        raise CommandError(f"cannot write {args.out!r}: {error}", 2) from None
+    finally:
+        log.close()
+    print(f"wrote {count} records to {args.out}")
+    return 0
+
+
+def _cmd_proposals(args) -> int:
+    log = _open(args.db)
+    found = proposals_in(log)
+    log.close()
+    if not found:
+        print("no proposals")
+        return 0
+    for p in found:
+        print(f"{p['id']}  {p['status']:<22} version {p['proposed_version']}  "
+              f"{_dt.datetime.fromtimestamp(p['time'], _dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+        evidence = p["evidence"]
+        for name in ("source", "approved", "proposed"):
+            if name in evidence:
+                e = evidence[name]
+                print(f"    {name:<9} est. accuracy {e['accuracy_estimate']:.3f}  entropy {e['entropy']:.3f}  "
+                      f"classes {e['effective_classes']:.2f}  agreement with source {e['agreement_with_source']:.3f}")
+        for rule in evidence.get("rules", []):
+            print(f"    rule {rule['rule']!r}: {'ok' if rule['ok'] else 'VIOLATED'} (violation {rule['violation']:.4g})")
+    return 0
+
+
+def _cmd_decide(args) -> int:
+    log = _open(args.db, readonly=False)
+    try:
+        matches = [p for p in proposals_in(log) if p["id"].startswith(args.proposal)]
+        if len(matches) != 1:
+            known = ", ".join(p["id"] for p in proposals_in(log)) or "none"
+            raise CommandError(f"{'no' if not matches else 'more than one'} proposal matches {args.proposal!r} "
+                               f"(known: {known})")
+        proposal = matches[0]
+        if proposal["status"] != "pending":
+            raise CommandError(f"proposal {proposal['id']} is {proposal['status']}, not pending")
+        record = log.append("approval_request", version=proposal["proposed_version"], proposal=proposal["id"],
+                            decision=args.command, by=args.by, note=args.note or "")
+    finally:
+        log.close()
+    print(f"recorded: {args.command} proposal {proposal['id']} (record {record.seq}); "
+          "the serving healer applies it at its next check")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfheal", description="selfheal_ext command line")
+    commands = parser.add_subparsers(dest="group", required=True)
+    audit = commands.add_parser("audit", help="read, verify and act on an audit log")
+    sub = audit.add_subparsers(dest="command", required=True)
+
+    verify = sub.add_parser("verify", help="recompute the hash chain; name the first broken record")
+    verify.add_argument("db")
+    verify.add_argument("--expect-head", help="the head hash kept elsewhere (detects records cut from the end)")
+    verify.set_defaults(run=_cmd_verify)
+
+    def add_filters(p):
+        p.add_argument("--kind", action="append", help="record kind (repeatable): drift, step, guard, ...")
+        p.add_argument("--since", type=_time, help="ISO 8601 time or epoch seconds")
+        p.add_argument("--until", type=_time, help="ISO 8601 time or epoch seconds")
+        p.add_argument("--version", type=int, help="adapter version")
+        p.add_argument("--limit", type=int)
+
+    show = sub.add_parser("show", help="records as a table (or JSON lines)")
+    show.add_argument("db")
+    add_filters(show)
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(run=_cmd_show)
+
+    export = sub.add_parser("export", help="records as JSON lines")
+    export.add_argument("db")
+    export.add_argument("out")
+    add_filters(export)
+    export.set_defaults(run=_cmd_export)
+
+    proposals = sub.add_parser("proposals", help="proposals and their evidence (approval mode)")
+    proposals.add_argument("db")
+    proposals.set_defaults(run=_cmd_proposals)
+
+    for name in ("approve", "reject"):
+        decide = sub.add_parser(name, help=f"{name} a pending proposal")
+        decide.add_argument("db")
+        decide.add_argument("proposal", help="proposal id (or a unique prefix)")
+        decide.add_argument("--by", default="cli", help="who decides (recorded)")
+        decide.add_argument("--note", help="why (recorded)")
+        decide.set_defaults(run=_cmd_decide)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except CommandError as error:
+        print(f"selfheal: error: {error}", file=sys.stderr)
+        return error.status
+    except AuditError as error:
+        print(f"selfheal: error: {str(error).removeprefix('selfheal: ')}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
