@@ -1016,8 +1016,11 @@ class SelfHealer:
                 return
             self._start_stage(report)
         else:
+            # Only the input side decides: the served (approved) version's
+            # statistics are held, so layers after the adapters keep looking
+            # drifted on clean data until it is released.
             input_z = max((report.signals.get(name, 0.0) for name in self._input_taps), default=0.0)
-            clean = input_z < 0.5 * self.monitor.window_threshold and not report.drift
+            clean = input_z < 0.5 * self.monitor.window_threshold
             self.clean_streak = self.clean_streak + 1 if clean else 0
             if self.clean_streak >= self._release_after(report) and not report.warming_up:
                 self._end_stage()
