@@ -30,6 +30,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -170,8 +171,8 @@ def make_stream(task, shifts, name, level, batches, batch, seed, label_ordered=F
 class Healer:
     name = "SelfHealer"
 
-    def __init__(self, model, calibration, window, batch_size):
-        self.healer = sh.SelfHealer(copy.deepcopy(model), monitor_options={"window": window})
+    def __init__(self, model, calibration, window, batch_size, **options):
+        self.healer = sh.SelfHealer(copy.deepcopy(model), monitor_options={"window": window}, **options)
         self.healer.calibrate(calibration, batch_size=batch_size)
 
     def __call__(self, x):
@@ -281,6 +282,16 @@ def evaluate(task_name, args):
         healer(b)
     timings["SelfHealer healing"] = _time(lambda b: healer(b), x, args.repeats) if healer.healer.active else None
     timings["TENT"] = _time(lambda b: methods[2](b), x, args.repeats)
+    # governance on: every step an audit record (SQLite WAL, state hash of the
+    # adapters) plus a rule gate on the 256-row recent buffer after every batch
+    with tempfile.TemporaryDirectory() as directory:
+        governed = Healer(model, calibration, window, batch, audit=os.path.join(directory, "audit.db"),
+                          rules=[sh.rules.ClassRate(0, 0.0, 1.0)])
+        for b, _ in x:
+            governed(b)
+        timings["SelfHealer healing + audit + rule gate"] = \
+            _time(lambda b: governed(b), x, args.repeats) if governed.healer.active else None
+        governed.healer.audit.close()
     results["latency_ms"] = timings
     results["healer_active_in_latency_run"] = healer.healer.active
     return results

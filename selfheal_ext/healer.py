@@ -38,7 +38,7 @@ from torch import nn
 
 from . import ops
 from .adapters import ADAPTER_KINDS, AdapterSet, attach_adapters
-from .governance import AuditLog, BiasGuard, Policy, SnapshotStore, SnapshotError, tensor_digest
+from .governance import DEFAULT_AUDIT_FILE, AuditLog, BiasGuard, Policy, SnapshotError, SnapshotStore, tensor_digest
 from .monitor import DriftMonitor, DriftReport, as_logits
 from .rules import RuleContext, check_rules, total_penalty, validate_rules
 from .taps import default_taps
@@ -108,8 +108,10 @@ class SelfHealer:
         monitor_options: keyword arguments for the ``DriftMonitor``.
         process_group: a ``torch.distributed`` group: counts, decisions and
             adapter gradients are merged across its ranks.
-        audit: an ``AuditLog`` or a path to one (SQLite): every event becomes
-            a hash-chained record (pass it on one rank of a process group).
+        audit: an ``AuditLog``, a path to one (SQLite), or True for
+            ``selfheal_audit.db`` in the working directory: every event
+            becomes a hash-chained record (give each rank of a process group
+            its own file, or pass it on one rank only).
         snapshots: a ``SnapshotStore`` or a directory for content-addressed
             adapter snapshots (default with ``audit``: ``<audit path>.snapshots``).
         approval: stage adaptations as proposals; the model serves the last
@@ -207,6 +209,10 @@ class SelfHealer:
         self.policy = policy if policy is not None else Policy(max_steps_per_minute=max_steps_per_minute)
         self.rules = validate_rules(rules)
         self.bias_guard = bias_guard
+        if audit is True:
+            audit = DEFAULT_AUDIT_FILE  # in the working directory
+        if audit is False:
+            audit = None
         self.audit: Optional[AuditLog] = audit if audit is None or isinstance(audit, AuditLog) else AuditLog(audit)
         if snapshots is None and self.audit is not None:
             snapshots = str(self.audit.path) + ".snapshots"
@@ -242,6 +248,7 @@ class SelfHealer:
         self._long_probs: Optional[torch.Tensor] = None
         self._source_digest = tensor_digest(self._source_state)
         self._approved_digests = {self._source_digest}
+        self._created_files = set()  # snapshot files this healer wrote (the only ones it may delete)
         if self.snapshots is not None:
             self.snapshots.save(self._source_state, {"version": 0, "kind": "source"})
         # decisions made with the CLI before this healer started are not its own
@@ -476,25 +483,42 @@ class SelfHealer:
 
     def _remember(self, x: torch.Tensor) -> None:
         """Keeps the newest ``buffer_size`` finite rows of served inputs (rule
-        checks, proposal evidence)."""
+        checks, proposal evidence), each batch as ``[rows, finite mask, source
+        probabilities or None]`` (the source model's are filled in when the
+        batch's source forward runs anyway, and never change)."""
         if x.dim() == 0 or x.shape[0] == 0:
             return
-        rows = x[_finite_rows(x)].detach()
+        finite = _finite_rows(x)
+        rows = x[finite].detach()
         if rows.shape[0] == 0:
             return
-        if self._recent and self._recent[0].shape[1:] != rows.shape[1:]:
+        if self._recent and self._recent[0][0].shape[1:] != rows.shape[1:]:
             self._recent.clear()  # the input shape changed: old rows cannot be batched with new ones
             self._recent_rows = 0
-        self._recent.append(rows.clone())
+        self._recent.append([rows.clone(), finite, None, self.batches])
         self._recent_rows += rows.shape[0]
         limit = self.config["buffer_size"]
-        while self._recent and self._recent_rows - self._recent[0].shape[0] >= limit:
-            self._recent_rows -= self._recent.popleft().shape[0]
+        while self._recent and self._recent_rows - self._recent[0][0].shape[0] >= limit:
+            self._recent_rows -= self._recent.popleft()[0].shape[0]
+
+    def _remember_source(self, source_logits: Optional[torch.Tensor]) -> None:
+        """Attaches the source model's probabilities of this batch's rows."""
+        if source_logits is None or not self._recent or self._recent[-1][3] != self.batches:
+            return
+        entry = self._recent[-1]
+        if source_logits.shape[0] == entry[1].shape[0]:
+            entry[2] = torch.softmax(source_logits[entry[1]].float(), dim=1)
 
     def _buffer(self) -> Optional[torch.Tensor]:
         if not self._recent:
             return None
-        return torch.cat(list(self._recent))[-self.config["buffer_size"]:]
+        return torch.cat([entry[0] for entry in self._recent])[-self.config["buffer_size"]:]
+
+    def _buffer_source(self) -> Optional[torch.Tensor]:
+        """The source probabilities of ``_buffer()``'s rows, when all are known."""
+        if not self._recent or any(entry[2] is None for entry in self._recent):
+            return None
+        return torch.cat([entry[2] for entry in self._recent])[-self.config["buffer_size"]:]
 
     def _robust_norm(self) -> bool:
         """Classes arriving in runs (label-ordered streams): BatchNorm
@@ -573,6 +597,7 @@ class SelfHealer:
             self._track(logits)  # dormant: the served logits are the source's
             return
         source_logits = self._source_logits(x)
+        self._remember_source(source_logits)
         stats = self._guard_statistics(logits, source_logits)
         self._track_merged(stats)
         if self._guards(stats, report):
@@ -650,15 +675,18 @@ class SelfHealer:
                                  for r in failed),
                        kind="rule_violation", results=[r.as_dict() for r in results])
 
-    def _check_rules_on(self, model: nn.Module, adapters: AdapterSet, inputs: Optional[torch.Tensor] = None):
-        inputs = self._buffer() if inputs is None else inputs
+    def _check_rules_on(self, model: nn.Module, adapters: AdapterSet, inputs: Optional[torch.Tensor] = None,
+                        source_probs: Optional[torch.Tensor] = None):
+        if inputs is None:
+            inputs, source_probs = self._buffer(), self._buffer_source()
         if inputs is None or not self.rules:
             return []
-        context = self._rule_context(model, adapters, inputs, grad=False)
+        context = self._rule_context(model, adapters, inputs, grad=False, source_probs=source_probs)
         return check_rules(self.rules, context)
 
     def _rule_context(self, model: nn.Module, adapters: AdapterSet, inputs: torch.Tensor, grad: bool,
-                      logits: Optional[torch.Tensor] = None) -> RuleContext:
+                      logits: Optional[torch.Tensor] = None,
+                      source_probs: Optional[torch.Tensor] = None) -> RuleContext:
         """Adapted and source probabilities of ``inputs`` (``logits``: the
         adapted ones, already computed with grad), and model functions for
         rules that query other inputs. Runs without touching the monitor or
@@ -682,7 +710,7 @@ class SelfHealer:
         adapted_fn, source_fn = probs_fn(True, grad), probs_fn(False, False)
         probs = torch.softmax(logits.float(), dim=1) if logits is not None else adapted_fn(inputs)
         needs_source = any(r.needs_source or not grad for r in self.rules)
-        source = source_fn(inputs) if needs_source else None
+        source = source_probs if source_probs is not None else (source_fn(inputs) if needs_source else None)
         return RuleContext(inputs=inputs, probs=probs, source_probs=source, model=adapted_fn, source_model=source_fn)
 
     def _gather_small(self, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -1354,6 +1382,8 @@ class SelfHealer:
         self.versions[version] = state
         self.version_digests[version] = digest
         if self.snapshots is not None:
+            if digest not in self.snapshots:
+                self._created_files.add(digest)
             self.snapshots.save(state, {"version": version, "steps": self.steps, "batches": self.batches,
                                         "learning_rate": self.learning_rate, "time": time.time()})
         keep = self.config["keep_versions"]
@@ -1366,7 +1396,8 @@ class SelfHealer:
             del self.versions[old]
             dropped = self.version_digests.pop(old)
             if self.snapshots is not None and dropped not in self.version_digests.values() \
-                    and dropped not in self._approved_digests:
+                    and dropped not in self._approved_digests and dropped in self._created_files:
+                self._created_files.discard(dropped)
                 path = self.snapshots.path(dropped)
                 path.unlink(missing_ok=True)
         return version
@@ -1494,7 +1525,7 @@ class SelfHealer:
                         "steps": self._stage_steps},
                     "bias_guard": None if self.bias_guard is None else copy.deepcopy(self.bias_guard.state_dict()),
                     "policy_blocked": self._policy_blocked,
-                    "recent": [t.clone() for t in self._recent],
+                    "recent": [entry[0].clone() for entry in self._recent],
                 },
             }
 
@@ -1554,8 +1585,9 @@ class SelfHealer:
                 if self.bias_guard is not None and governance["bias_guard"] is not None:
                     self.bias_guard.load_state_dict(governance["bias_guard"])
                 self._policy_blocked = governance["policy_blocked"]
-                self._recent = deque(t.to(device, copy=True) for t in governance["recent"])
-                self._recent_rows = sum(t.shape[0] for t in self._recent)
+                self._recent = deque([t.to(device, copy=True), torch.ones(t.shape[0], dtype=torch.bool, device=device),
+                                      None, -1] for t in governance["recent"])
+                self._recent_rows = sum(entry[0].shape[0] for entry in self._recent)
             if self.active and self.config["mode"] == "deferred":
                 self._start_worker()
 
