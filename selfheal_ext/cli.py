@@ -23,8 +23,6 @@ from typing import Dict, List, Optional, Sequence
 
 from .governance import AuditError, AuditLog, AuditRecord
 
-_DECIDED = ("approve", "reject", "proposal_expired")
-
 
 class CommandError(Exception):
     def __init__(self, message: str, status: int = 1):
@@ -52,7 +50,9 @@ def _open(path: str, readonly: bool = True) -> AuditLog:
     if not Path(path).exists():
         raise CommandError(f"no audit database at {path!r}", 2)
     try:
-        return AuditLog(path, readonly=readonly)
+        # writing (decisions) opens an existing log only: nothing is created
+        # in, or changed about, a file that is not one
+        return AuditLog(path, readonly=readonly, create=False)
     except AuditError as error:
         raise CommandError(str(error).removeprefix("selfheal: "), 2) from None
 
@@ -88,7 +88,7 @@ def _table(records: List[AuditRecord]) -> str:
     header = ("seq", "time (UTC)", "kind", "version", "batch", "state", "detail")
     rows = [header]
     for r in records:
-        when = _dt.datetime.fromtimestamp(r.time, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        when = r.iso_time[:19].replace("T", " ")
         rows.append((str(r.seq), when, r.kind, "" if r.version is None else str(r.version),
                      "" if r.batch is None else str(r.batch), (r.state_hash or "")[:12], _summary(r)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
@@ -98,28 +98,6 @@ def _table(records: List[AuditRecord]) -> str:
         if index == 0:
             lines.append("  ".join("-" * width for width in widths) + "  " + "-" * 6)
     return "\n".join(lines)
-
-
-def proposals_in(log: AuditLog) -> List[Dict]:
-    """Proposals recorded in ``log`` with their status: pending, requested
-    (a decision was written, the healer has not applied it yet), approved,
-    rejected, expired."""
-    proposals: Dict[str, Dict] = {}
-    for record in log.records(kinds=["proposal", "approval_request", *_DECIDED]):
-        pid = str(record.payload.get("proposal", ""))
-        if record.kind == "proposal":
-            proposals[pid] = {"id": pid, "seq": record.seq, "time": record.time, "version": record.version,
-                              "proposed_version": record.payload.get("proposed_version"),
-                              "state_hash": record.state_hash, "status": "pending",
-                              "evidence": record.payload.get("evidence", {})}
-        elif pid in proposals:
-            if record.kind == "approval_request":
-                if proposals[pid]["status"] == "pending":
-                    proposals[pid]["status"] = f"requested ({record.payload.get('decision')})"
-            else:
-                proposals[pid]["status"] = {"approve": "approved", "reject": "rejected",
-                                            "proposal_expired": "expired"}[record.kind]
-    return list(proposals.values())
 
 
 def _cmd_verify(args) -> int:
@@ -162,14 +140,14 @@ def _cmd_export(args) -> int:
 
 def _cmd_proposals(args) -> int:
     log = _open(args.db)
-    found = proposals_in(log)
+    found = log.proposals()
     log.close()
     if not found:
         print("no proposals")
         return 0
     for p in found:
-        print(f"{p['id']}  {p['status']:<22} version {p['proposed_version']}  "
-              f"{_dt.datetime.fromtimestamp(p['time'], _dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+        when = AuditRecord(0, p["time"], "", None, None, None, {}, "", "").iso_time[:19].replace("T", " ")
+        print(f"{p['id']}  {p['status']:<22} version {p['proposed_version']}  {when} UTC")
         evidence = p["evidence"]
         for name in ("source", "approved", "proposed"):
             if name in evidence:
@@ -184,9 +162,10 @@ def _cmd_proposals(args) -> int:
 def _cmd_decide(args) -> int:
     log = _open(args.db, readonly=False)
     try:
-        matches = [p for p in proposals_in(log) if p["id"].startswith(args.proposal)]
+        proposals = log.proposals()
+        matches = [p for p in proposals if p["id"].startswith(args.proposal)]
         if len(matches) != 1:
-            known = ", ".join(p["id"] for p in proposals_in(log)) or "none"
+            known = ", ".join(p["id"] for p in proposals) or "none"
             raise CommandError(f"{'no' if not matches else 'more than one'} proposal matches {args.proposal!r} "
                                f"(known: {known})")
         proposal = matches[0]

@@ -77,7 +77,7 @@ def tensor_digest(tensors: Dict[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 
@@ -103,9 +103,15 @@ class AuditRecord:
     prev_hash: str
     hash: str
 
+    @property
+    def iso_time(self) -> str:
+        try:
+            return _dt.datetime.fromtimestamp(self.time, _dt.timezone.utc).isoformat()
+        except (ValueError, OverflowError, OSError):
+            return "?"
+
     def as_dict(self) -> Dict[str, Any]:
-        return {"seq": self.seq, "time": self.time,
-                "iso_time": _dt.datetime.fromtimestamp(self.time, _dt.timezone.utc).isoformat(),
+        return {"seq": self.seq, "time": _plain(self.time), "iso_time": self.iso_time,
                 "kind": self.kind, "version": self.version, "batch": self.batch, "state_hash": self.state_hash,
                 "payload": self.payload, "prev_hash": self.prev_hash, "hash": self.hash}
 
@@ -135,6 +141,8 @@ class AuditLog:
             loses nothing committed; a power cut may lose the last records but
             never corrupts the log) or ``"full"`` (an fsync per record).
         readonly: open an existing log for reading and verification only.
+        create: create the file and tables when missing (False: the file must
+            already be a selfheal audit log; nothing is added to other files).
 
     Records are written by ``append`` in one transaction each, serialised
     across processes by SQLite's write lock (a CLI approving a proposal and a
@@ -142,28 +150,33 @@ class AuditLog:
     triggers; the hash chain shows any that were forced.
     """
 
-    def __init__(self, path: Union[str, os.PathLike], *, durability: str = "normal", readonly: bool = False):
+    def __init__(self, path: Union[str, os.PathLike], *, durability: str = "normal", readonly: bool = False,
+                 create: bool = True):
         if durability not in ("normal", "full"):
             raise ValueError(f"selfheal: durability must be 'normal' or 'full', got {durability!r}")
         self.path = Path(path)
         self.readonly = readonly
         self._lock = threading.Lock()
-        if readonly and not self.path.is_file():
+        if (readonly or not create) and not self.path.is_file():
             raise AuditError(f"selfheal: no audit database at {str(self.path)!r}")
         if self.path.is_dir():
             raise AuditError(f"selfheal: audit path {str(self.path)!r} is a directory")
         try:
             if readonly:
-                self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False,
-                                           timeout=30.0, isolation_level=None)
+                # a URI built from the resolved path, so '#', '?' and '%' in names are quoted
+                self._db = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True,
+                                           check_same_thread=False, timeout=30.0, isolation_level=None)
+                self._check_schema()
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30.0,
                                            isolation_level=None)
+                if not create:
+                    self._check_schema()  # before changing anything in the file
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
                 self._create()
-            self._check_schema()
+                self._check_schema()
         except sqlite3.DatabaseError as error:
             raise AuditError(f"selfheal: {str(self.path)!r} is not a readable audit database ({error})") from None
 
@@ -241,7 +254,11 @@ class AuditLog:
             body = json.loads(payload)
         except (TypeError, ValueError):
             body = {"_unreadable_payload": str(payload)}
-        return AuditRecord(seq, when, kind, version, batch, state_hash, body, prev, digest)
+        try:
+            when = float(when)
+        except (TypeError, ValueError):
+            when = float("nan")  # tampered; verify() names the record
+        return AuditRecord(seq, when, str(kind), version, batch, state_hash, body, prev, digest)
 
     def records(self, *, kinds: Optional[Iterable[str]] = None, since: Optional[float] = None,
                 until: Optional[float] = None, version: Optional[int] = None, after_seq: Optional[int] = None,
@@ -275,6 +292,9 @@ class AuditLog:
             sql += f" LIMIT {int(limit)}"
         return [self._record(row) for row in self._rows(sql, args)]
 
+    def __bool__(self) -> bool:  # a log is a log even when empty (len() is its record count)
+        return True
+
     def __len__(self) -> int:
         return next(self._rows("SELECT COUNT(*) FROM records"))[0]
 
@@ -300,8 +320,12 @@ class AuditLog:
                                     f"record(s) {expected_seq}..{seq - 1} are missing")
             if prev_hash != prev:
                 return VerifyResult(False, count, prev, seq, f"record {seq} does not link to the record before it")
-            if not isinstance(payload, str) or not isinstance(kind, str) or \
-                    _record_hash(prev, seq, when, kind, version, batch, state_hash, payload) != digest:
+            try:
+                intact = isinstance(payload, str) and isinstance(kind, str) and isinstance(when, float) and \
+                    _record_hash(prev, seq, when, kind, version, batch, state_hash, payload) == digest
+            except (TypeError, ValueError):
+                intact = False
+            if not intact:
                 return VerifyResult(False, count, prev, seq, f"record {seq} was altered (its hash does not match)")
             prev, expected_seq, count = digest, seq + 1, count + 1
         if expect_head is not None and expect_head != prev:
@@ -309,6 +333,27 @@ class AuditLog:
                                 f"the chain ends at {prev[:16]}…, expected head {expect_head[:16]}… "
                                 "(records were removed from the end, or this is another log)")
         return VerifyResult(True, count, prev)
+
+    def proposals(self) -> List[Dict[str, Any]]:
+        """Proposals recorded here with their status: pending, requested (a
+        decision was written, the healer has not applied it yet), approved,
+        rejected, expired."""
+        found: Dict[str, Dict[str, Any]] = {}
+        decided = {"approve": "approved", "reject": "rejected", "proposal_expired": "expired"}
+        for record in self.records(kinds=["proposal", "approval_request", *decided]):
+            pid = str(record.payload.get("proposal", ""))
+            if record.kind == "proposal":
+                found[pid] = {"id": pid, "seq": record.seq, "time": record.time, "version": record.version,
+                              "proposed_version": record.payload.get("proposed_version"),
+                              "state_hash": record.state_hash, "status": "pending",
+                              "evidence": record.payload.get("evidence", {})}
+            elif pid in found:
+                if record.kind == "approval_request":
+                    if found[pid]["status"] == "pending":
+                        found[pid]["status"] = f"requested ({record.payload.get('decision')})"
+                else:
+                    found[pid]["status"] = decided[record.kind]
+        return list(found.values())
 
     def export_jsonl(self, destination, **filters) -> int:
         """Writes the matching records as JSON lines to a path or a text file;
@@ -367,7 +412,7 @@ class SnapshotStore:
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, digest: str) -> Path:
-        if not (len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        if not _is_digest(digest):
             raise SnapshotError(f"selfheal: {digest!r} is not a snapshot digest (64 hex digits)")
         return self.directory / (digest + self.suffix)
 
@@ -379,7 +424,7 @@ class SnapshotStore:
 
     def digests(self) -> List[str]:
         return sorted(p.name[: -len(self.suffix)] for p in self.directory.glob("*" + self.suffix)
-                      if len(p.name) == 64 + len(self.suffix))
+                      if _is_digest(p.name[: -len(self.suffix)]))
 
     def save(self, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, Any]] = None) -> str:
         """Stores ``tensors`` (with JSON ``metadata``) and returns the digest."""
@@ -402,8 +447,9 @@ class SnapshotStore:
     def load(self, digest: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
         path = self.path(digest)
         if not path.is_file():
-            raise SnapshotError(f"selfheal: no snapshot {digest[:16]}… in {str(self.directory)!r} "
-                                "(pruned by the retention policy, or never stored here)")
+            raise SnapshotError(f"selfheal: no snapshot {digest[:16]}… in {str(self.directory)!r} (pruned by the "
+                                "retention policy, or never stored: snapshot, proposal, approve and rollback "
+                                "records name stored states; a step record's hash only identifies its state)")
         tensors, metadata = load_snapshot_file(path)
         if tensor_digest(tensors) != digest:
             raise SnapshotError(f"selfheal: snapshot {str(path)!r} is corrupt: its content does not match its name")
@@ -443,6 +489,10 @@ def load_snapshot_file(path: Union[str, os.PathLike]) -> Tuple[Dict[str, torch.T
         raise SnapshotError(f"selfheal: {str(path)!r} is not a valid safetensors snapshot; refusing to load it "
                             f"(snapshots are never unpickled): {error}") from None
     return tensors, metadata
+
+
+def _is_digest(text: str) -> bool:
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -40,7 +40,8 @@ from . import ops
 from .adapters import ADAPTER_KINDS, AdapterSet, attach_adapters
 from .governance import DEFAULT_AUDIT_FILE, AuditLog, BiasGuard, Policy, SnapshotError, SnapshotStore, tensor_digest
 from .monitor import DriftMonitor, DriftReport, as_logits
-from .rules import RuleContext, check_rules, total_penalty, validate_rules
+from .governance import AuditError
+from .rules import RuleContext, RuleError, check_rules, total_penalty, validate_rules
 from .taps import default_taps
 
 _EVENT_LIMIT = 10_000
@@ -288,6 +289,7 @@ class SelfHealer:
         self._stage = None
         self._stage_steps = 0
         self._policy_blocked: Optional[str] = None
+        self._unchecked = False  # a published deferred step not yet through the rule gate
         if self.bias_guard is not None:
             self.bias_guard.reset()
         self.good_version = 0
@@ -344,6 +346,7 @@ class SelfHealer:
         batches = list(batches)
         with self._lock:
             self._stop_worker()
+            self._expire_logged_proposals("calibrate")
             self._reset_runtime()
             report = self.monitor.calibrate(batches, **monitor_kwargs)
             self._input_taps = [self.monitor.tap_names[0]]
@@ -445,10 +448,17 @@ class SelfHealer:
         with self._lock:
             if self.config["approval"]:
                 return self._serve_approved(x)
+            if self.audit_error is not None and (self.adapters.active or self._worker is not None):
+                self._stop_worker()
+                self.adapters.active = False  # never adapt unaudited
+            if self._unchecked and self.rules and self.active and not self.suspended:
+                self._unchecked = False
+                self._gate_rules()  # a version the deferred worker published: checked before it serves
             # Not diverse enough to trust (label-ordered streams): normalise
             # with the running statistics and do not update them from these
             # batches (a run of one class would slowly poison them too).
-            robust = self._robust_norm()
+            # Outside the policy's hours the statistics are held as well.
+            robust = self._robust_norm() or not self.policy.hours_allow()
             self.adapters.set_robust(robust)
             self.adapters.set_update_running(not robust)
             with torch.no_grad(), self.monitor.watching():
@@ -461,7 +471,7 @@ class SelfHealer:
                 self._after_batch(x, logits, report)
             else:
                 self._track(logits)
-                if report.drift and self.audit_error is None:
+                if report.drift and self.audit_error is None and self._policy_allows():
                     self._activate(report)
                     self._after_batch(x, logits, report)
         return output
@@ -611,6 +621,7 @@ class SelfHealer:
         if self.rules and self.active and not self.suspended:
             # every batch, stepped or not: statistics adaptation alone changes
             # predictions too (a violation in hold suspends adaptation)
+            self._unchecked = False
             self._gate_rules()
 
     def _adapt(self, x: torch.Tensor) -> None:
@@ -650,12 +661,21 @@ class SelfHealer:
 
     def _stop_adapting(self, kind: str, reason: str, **detail) -> None:
         """A limit was violated: back to the last good version (the source if
-        none) and no more adapter training in this drift episode."""
+        none) and no more adapter training in this drift episode; violated
+        again with training stopped (statistics adaptation alone, or a good
+        version that was itself at fault): the source model, exactly."""
         self._event(kind, reason=reason, **detail)
+        if self.bias_guard is not None:
+            self.bias_guard.reset()  # judge what is served from now on, not the past
+        if self.hold:
+            self._restore(0, reason=kind, keep_active=True)
+            self.suspended = True
+            self.adapters.active = False
+            self._event("suspend", reason=f"{kind} with adapter training stopped")
+            return
         self._restore(self.good_version, reason=kind, keep_active=True)
-        if not self.hold:
-            self.hold = True
-            self._event("hold", reason=reason)
+        self.hold = True
+        self._event("hold", reason=reason)
 
     def _gate_rules(self) -> None:
         """After a step: the adapted model against the source on the recent
@@ -666,7 +686,11 @@ class SelfHealer:
         for _ in range(_MAX_EPISODE_TRIPS + 2):
             if not self.active or self.suspended:
                 return
-            results = self._check_rules_on(self.model, self.adapters)
+            try:
+                results = self._check_rules_on(self.model, self.adapters)
+            except Exception as error:  # noqa: BLE001 - a rule that cannot be evaluated counts as broken
+                self._trip(f"rule check failed: {type(error).__name__}: {error}", kind="rule_violation")
+                continue
             failed = [r for r in results if not r.ok]
             if not failed:
                 return
@@ -860,18 +884,27 @@ class SelfHealer:
     # ---------------------------------------------------------- adaptation
 
     def _step(self, x: torch.Tensor, adapters: Optional[AdapterSet] = None, model: Optional[nn.Module] = None,
-              optimizer=None) -> bool:
-        """One adaptation step on ``x``; True when one was taken. Under a
-        process group every rank runs the same collectives whatever its own
-        batch holds (a rank with no usable sample contributes zero gradients),
-        and every skip is decided for all ranks together."""
+              optimizer=None, record: bool = True) -> Optional[Dict[str, Any]]:
+        """One adaptation step on ``x``; returns the step's record (None when
+        no step was taken), already logged unless ``record`` is False (the
+        deferred worker logs it when the step is published). Under a process
+        group every rank runs the same collectives whatever its own batch
+        holds (a rank with no usable sample contributes zero gradients), and
+        every skip is decided for all ranks together."""
         adapters = adapters or self.adapters
         model = model or self.model
         optimizer = optimizer or self.optimizer
+        if self.hold or self.audit_error is not None:
+            return None  # stopped meanwhile (a batch queued before a policy stop)
         if optimizer is None:
             # statistics-only adaptation: the served forward already updated them
             self.steps += 1
-            return True
+            detail = {"statistics_only": True, "samples": int(x.shape[0]),
+                      "score": self.drift.score if self.drift is not None else None}
+            if record:
+                self._event("step", state_hash=tensor_digest(adapters.state_dict()) if self.audit is not None else None,
+                            **detail)
+            return detail
         limit = self.policy.max_steps_per_minute
         now = time.monotonic()
         skip = None
@@ -898,10 +931,13 @@ class SelfHealer:
                 with torch.enable_grad(), quiet:
                     for p in parameters.values():
                         p.requires_grad_(True)
-                    loss, count = self._loss(model(x), parameters, x, model, adapters)
-                    if bool(torch.isfinite(loss)) and count:
+                    try:
+                        loss, count = self._loss(model(x), parameters, x, model, adapters)
+                    except RuleError as error:
+                        skip, loss, count = str(error), None, 0
+                    if loss is not None and bool(torch.isfinite(loss)) and count:
                         loss.backward()
-                    elif not bool(torch.isfinite(loss)):
+                    elif loss is not None and not bool(torch.isfinite(loss)):
                         skip = "non-finite loss"
             # (no finite row: this rank uses no sample; the others may)
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters.values()]
@@ -930,7 +966,7 @@ class SelfHealer:
                 optimizer.zero_grad(set_to_none=True)
                 if skip != "rate limit":
                     self._event("skip", reason=skip, samples=int(x.shape[0]))
-                return False
+                return None
             before = {name: p.detach().clone() for name, p in parameters.items()}
             torch.nn.utils.clip_grad_norm_(list(parameters.values()), 1.0)
             optimizer.step()
@@ -946,23 +982,26 @@ class SelfHealer:
                 self.hold = True
                 self._event("policy", limit="max_weight_change", value=shift, bound=cap,
                             action="step undone; adapter training stopped until the drift passes or resume()")
-                return False
+                return None
         finally:
             adapters.set_update_running(True)
         self.steps += 1
         self._step_times.append(now)
-        state_hash = tensor_digest(adapters.state_dict()) if self.audit is not None else None
-        self._event("step", state_hash=state_hash, loss=float(loss.detach()) if loss is not None else 0.0,
-                    selected=count, samples=int(x.shape[0]), shift=shift, change=change,
-                    score=self.drift.score if self.drift is not None else None,
-                    learning_rate=optimizer.param_groups[0]["lr"])
+        detail = {"loss": float(loss.detach()) if loss is not None else 0.0, "selected": count,
+                  "samples": int(x.shape[0]), "shift": shift, "change": change,
+                  "score": self.drift.score if self.drift is not None else None,
+                  "learning_rate": optimizer.param_groups[0]["lr"]}
+        if record:
+            self._event("step", state_hash=tensor_digest(adapters.state_dict()) if self.audit is not None else None, **detail)
         if self.config["reset_every"] and self.steps % self.config["reset_every"] == 0:
             # the adapters and optimizer this step trained (the deferred
             # worker's copies in deferred mode; its next publish carries it)
             self._to_source(adapters)
             optimizer.state.clear()
-            self._event("reset", reason="periodic")
-        return True
+            detail["periodic_reset"] = True
+            if record:
+                self._event("reset", reason="periodic")
+        return detail
 
     def _loss(self, output, parameters, x=None, model=None, adapters=None) -> Tuple[torch.Tensor, int]:
         """EATA's objective: confidence-weighted entropy over reliable
@@ -990,7 +1029,10 @@ class SelfHealer:
             loss = entropy.sum() * 0.0
         loss = loss + self.config["anchor"] * anchor
         if self.rules and x is not None and x.shape[0] > 0:
-            penalty = total_penalty(self.rules, self._rule_context(model, adapters, x, grad=True, logits=logits))
+            try:
+                penalty = total_penalty(self.rules, self._rule_context(model, adapters, x, grad=True, logits=logits))
+            except Exception as error:  # noqa: BLE001 - a user's rule: no step, recorded
+                raise RuleError(f"rule penalty failed: {type(error).__name__}: {error}") from error
             if penalty is not None:
                 loss = loss + penalty
         return loss, count
@@ -1195,16 +1237,23 @@ class SelfHealer:
             proposal = self._proposal(proposal_id)
             if proposal["status"] != "pending":
                 raise ValueError(f"selfheal: proposal {proposal['id']} is {proposal['status']}, not pending")
+            if self.audit_error is not None:
+                raise RuntimeError(f"selfheal: the audit log failed ({self.audit_error}); nothing is approved "
+                                   "until it works again and reset() is called")
             state = self.versions.get(proposal["version"])
             if state is None:
                 state = self.versions[self._version_of_digest(proposal["digest"])]
+            # recorded first: a version is never served without its approval on record
+            self._event("approve", state_hash=proposal["digest"], proposal=proposal["id"],
+                        approved_version=proposal["version"], by=by, note=note, request=request)
+            if self.audit_error is not None:
+                raise RuntimeError(f"selfheal: the approval could not be recorded ({self.audit_error}); "
+                                   "the proposal was not applied")
             self.adapters.load_state_dict(state)
             self.approved_version = self.version = proposal["version"]
             self._approved_digests.add(proposal["digest"])
             self.adapters.active = True
             proposal["status"] = "approved"
-            self._event("approve", state_hash=proposal["digest"], proposal=proposal["id"], by=by, note=note,
-                        request=request)
             return proposal["version"]
 
     def reject(self, proposal_id: str, by: str = "api", note: str = "", request: Optional[int] = None) -> None:
@@ -1229,7 +1278,13 @@ class SelfHealer:
         if now - self._last_poll < self.config["poll_interval"]:
             return
         self._last_poll = now
-        for record in self.audit.records(kinds=["approval_request"], after_seq=self._request_seq):
+        try:
+            requests = self.audit.records(kinds=["approval_request"], after_seq=self._request_seq)
+        except (AuditError, AttributeError) as error:  # unreadable log: serve on, decide nothing
+            warnings.warn(f"selfheal: cannot read decisions from the audit log ({error})", RuntimeWarning,
+                          stacklevel=3)
+            return
+        for record in requests:
             self._request_seq = record.seq
             pid = str(record.payload.get("proposal", ""))
             if pid not in self.proposals:
@@ -1240,6 +1295,33 @@ class SelfHealer:
                        request=record.seq)
             except ValueError as error:
                 self._event("decision_ignored", proposal=pid, request=record.seq, reason=str(error))
+
+    def _sync_proposals_with_log(self) -> None:
+        """A loaded state's pending proposals that the audit log says were
+        expired or rejected since are not pending any more."""
+        if self.audit is None or not self.proposals:
+            return
+        try:
+            logged = {p["id"]: p["status"] for p in self.audit.proposals()}
+        except (AuditError, AttributeError):
+            return
+        for pid, proposal in self.proposals.items():
+            if proposal["status"] == "pending" and logged.get(pid) in ("expired", "rejected"):
+                proposal["status"] = logged[pid]
+
+    def _expire_logged_proposals(self, reason: str) -> None:
+        """Pending proposals in the audit log (this healer's or an earlier
+        process's) can no longer be applied after a reset or a new
+        calibration: recorded as expired so the CLI does not offer them."""
+        if self.audit is None:
+            return
+        try:
+            open_ones = [p for p in self.audit.proposals()
+                         if p["status"] == "pending" or p["status"].startswith("requested")]
+        except (AuditError, AttributeError):
+            return
+        for proposal in open_ones:
+            self._event("proposal_expired", proposal=proposal["id"], reason=reason)
 
     def resume(self) -> None:
         """Lifts a hold or suspension (policy, guard or bias stop) for the
@@ -1285,8 +1367,9 @@ class SelfHealer:
                 except queue.Empty:
                     continue
                 try:
-                    self._step(x, adapters=shadow, model=model, optimizer=optimizer)
-                    self._publish(shadow)
+                    detail = self._step(x, adapters=shadow, model=model, optimizer=optimizer, record=False)
+                    if detail is not None:
+                        self._publish(shadow, detail)
                 except Exception as error:  # noqa: BLE001 - reported; serving goes on, dormant worker
                     self._worker_error = f"{type(error).__name__}: {error}"
                     self._event("worker_error", error=self._worker_error)
@@ -1315,18 +1398,26 @@ class SelfHealer:
         optimizer = torch.optim.Adam(shadow.trainable(), lr=self.learning_rate) if shadow.trainable() else None
         return model, shadow, optimizer
 
-    def _publish(self, shadow: AdapterSet) -> None:
+    def _publish(self, shadow: AdapterSet, detail: Dict[str, Any]) -> None:
         """Copies the worker's adapter weights into the served ones between two
-        served batches. The lock is polled, never waited on: whoever stops the
-        worker holds the lock while joining it."""
+        served batches, and records the step with the hash of the state now
+        served (the served BatchNorm statistics included). The rule gate runs
+        on it before the next batch is served. The lock is polled, never
+        waited on: whoever stops the worker holds the lock while joining it."""
         while not self._stop.is_set():
             if self._lock.acquire(timeout=0.02):
                 try:
-                    if not self._stop.is_set():
+                    if not self._stop.is_set() and self.audit_error is None and not self.hold:
                         with torch.no_grad():
                             live = dict(self.adapters.named_parameters())
                             for name, p in shadow.named_parameters():
                                 live[name].copy_(p)
+                        periodic = detail.pop("periodic_reset", False)
+                        self._event("step", state_hash=tensor_digest(self.adapters.state_dict())
+                                    if self.audit is not None else None, deferred=True, **detail)
+                        if periodic:
+                            self._event("reset", reason="periodic")
+                        self._unchecked = True
                 finally:
                     self._lock.release()
                 return
@@ -1462,9 +1553,10 @@ class SelfHealer:
         optimizer, guards and monitor window cleared (the calibration is kept)."""
         with self._lock:
             self._stop_worker()
+            self.audit_error = None
+            self._expire_logged_proposals("reset")
             self._reset_runtime()
             self.monitor.reset()
-            self.audit_error = None
             self._event("reset", state_hash=self._source_digest, reason="requested")
 
     def _event(self, kind: str, state_hash: Optional[str] = None, **detail) -> None:
@@ -1481,10 +1573,9 @@ class SelfHealer:
             self.audit_error = f"{type(error).__name__}: {error}"
             warnings.warn(f"selfheal: audit log write failed ({self.audit_error}); adaptation is suspended "
                           "until reset()", RuntimeWarning, stacklevel=3)
+            # the serving thread switches the adapters off before the next batch
             self.suspended = True
             self.hold = True
-            if not self.config["approval"]:
-                self.adapters.active = False
 
     def state_dict(self) -> Dict[str, Any]:
         with self._lock:
@@ -1526,6 +1617,7 @@ class SelfHealer:
                     "bias_guard": None if self.bias_guard is None else copy.deepcopy(self.bias_guard.state_dict()),
                     "policy_blocked": self._policy_blocked,
                     "recent": [entry[0].clone() for entry in self._recent],
+                    "request_seq": self._request_seq,
                 },
             }
 
@@ -1588,6 +1680,9 @@ class SelfHealer:
                 self._recent = deque([t.to(device, copy=True), torch.ones(t.shape[0], dtype=torch.bool, device=device),
                                       None, -1] for t in governance["recent"])
                 self._recent_rows = sum(entry[0].shape[0] for entry in self._recent)
+                # decisions written with the CLI while this state was saved are applied at the next poll
+                self._request_seq = int(governance.get("request_seq", self._request_seq))
+                self._sync_proposals_with_log()
             if self.active and self.config["mode"] == "deferred":
                 self._start_worker()
 

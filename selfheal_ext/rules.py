@@ -275,3 +275,7 @@ def validate_rules(rules) -> List[Rule]:
     if len(set(names)) != len(names):
         raise ValueError(f"selfheal: rule names must be unique, got {names}")
     return rules
+
+
+class RuleError(RuntimeError):
+    """A rule could not be evaluated (raised inside the healer, recorded there)."""

@@ -3,6 +3,7 @@ snapshot store is killed with SIGKILL at several moments; the log must open,
 verify, and hold every record the child saw committed; every snapshot file
 must load and match its name."""
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -40,16 +41,22 @@ CHILD = textwrap.dedent("""
 def test_sigkill_during_adaptation_leaves_a_valid_log_and_snapshots(tmp_path, delay):
     db = tmp_path / "audit.db"
     tests = os.path.dirname(os.path.abspath(__file__))
+    errors = open(tmp_path / "child.stderr", "w+")
     child = subprocess.Popen([sys.executable, "-c", CHILD.format(tests=tests, db=str(db))],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             stdout=subprocess.PIPE, stderr=errors, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    selector = selectors.DefaultSelector()
+    selector.register(child.stdout, selectors.EVENT_READ)
     try:
         seen = []
         deadline = time.monotonic() + 240
-        while len(seen) < 8 and time.monotonic() < deadline:  # adapting for a few batches
+        while len(seen) < 8:  # adapting for a few batches
+            if time.monotonic() > deadline or not selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                pytest.fail("child made no progress in 240 s")
             line = child.stdout.readline()
             if not line:
-                pytest.fail(f"child ended early: {child.stderr.read()[-2000:]}")
+                errors.seek(0)
+                pytest.fail(f"child ended early: {errors.read()[-2000:]}")
             seen.append(int(line))
         time.sleep(delay)
         child.send_signal(signal.SIGKILL)
@@ -59,8 +66,9 @@ def test_sigkill_during_adaptation_leaves_a_valid_log_and_snapshots(tmp_path, de
     finally:
         if child.poll() is None:
             child.kill()
+        selector.close()
         child.stdout.close()
-        child.stderr.close()
+        errors.close()
     assert child.returncode == -signal.SIGKILL
 
     for readonly in (True, False):  # an inspector, then a process taking over the log

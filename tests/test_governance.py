@@ -272,3 +272,41 @@ def test_bias_guard_trips_on_a_forced_group_shift_and_not_on_a_fair_one():
         BiasGuard(groups=0)
     with pytest.raises(ValueError, match="ids for a batch"):
         BiasGuard(groups=lambda z: torch.zeros(3), positive_class=1, max_class_shift=1).evaluate(x, shifted, source)
+
+
+def test_tampered_field_types_odd_paths_and_scalar_tensors(tmp_path):
+    path = tmp_path / "odd#name?.db"
+    log = _filled(path, 4)
+    log.close()
+    db = sqlite3.connect(path)
+    db.execute("DROP TRIGGER records_no_update")
+    db.execute("UPDATE records SET time='abc' WHERE seq=3")
+    db.commit()
+    db.close()
+    readonly = AuditLog(path, readonly=True)
+    result = readonly.verify()
+    assert not result.ok and result.first_bad == 3
+    assert readonly.records()[2].iso_time == "?"
+    # a 0-d tensor hashes and stores like any other
+    store = SnapshotStore(tmp_path / "snaps")
+    digest = store.save({"scalar": torch.tensor(1.5), "empty": torch.zeros(0)})
+    assert store.load(digest)[0]["scalar"].item() == 1.5
+    (store.directory / ("z" * 64 + ".safetensors")).write_bytes(b"not ours")
+    assert store.digests() == [digest]
+
+
+def test_opening_for_decisions_never_changes_another_file(tmp_path):
+    other = tmp_path / "other.db"
+    db = sqlite3.connect(other)
+    db.execute("CREATE TABLE t (x)")
+    db.commit()
+    db.close()
+    before = other.read_bytes()
+    with pytest.raises(AuditError, match="not a selfheal audit database"):
+        AuditLog(other, create=False)
+    assert other.read_bytes() == before
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    with pytest.raises(AuditError):
+        AuditLog(empty, create=False)
+    assert empty.read_bytes() == b""
