@@ -1,5 +1,8 @@
 """The ``selfheal`` command line.
 
+    selfheal demo [--quick] [--device cuda] [--out DIR] [--train]
+                  [--data FILE --model pkg.module:factory [--weights FILE]]
+    selfheal report AUDIT_DB [--out report.html] [--title TEXT]
     selfheal audit verify  DB [--expect-head HASH]
     selfheal audit show    DB [--kind KIND ...] [--since T] [--until T] [--version V] [--limit N] [--json]
     selfheal audit export  DB OUT.jsonl [filters as for show]
@@ -180,9 +183,60 @@ def _cmd_decide(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from .demo import DemoError, run_demo
+    if args.batch_size < 1:
+        raise CommandError("--batch-size must be >= 1", 2)
+    if (args.model or args.weights) and not args.data:
+        raise CommandError("--model and --weights go with --data", 2)
+    try:
+        run_demo(quick=args.quick, device=args.device, out=args.out, train=args.train, data=args.data,
+                 model_spec=args.model, weights=args.weights, batch_size=args.batch_size, seed=args.seed,
+                 report=not args.no_report, progress=not args.no_progress)
+    except DemoError as error:
+        raise CommandError(str(error), 2) from None
+    return 0
+
+
+def _cmd_report(args) -> int:
+    _open(args.db).close()  # a clear error for a missing or foreign file
+    try:
+        from .report import write_report
+    except ImportError as error:
+        raise CommandError(f"the report needs matplotlib ({error}); pip install matplotlib", 2) from None
+    out = args.out or str(Path(args.db).with_suffix(".html"))
+    try:
+        path = write_report(args.db, out, title=args.title)
+    except OSError as error:
+        raise CommandError(f"cannot write {out!r}: {error}", 2) from None
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfheal", description="selfheal_ext command line")
     commands = parser.add_subparsers(dest="group", required=True)
+
+    demo = commands.add_parser("demo", help="a CNN serving drifting digits, healed live; writes an audit log and report")
+    demo.add_argument("--quick", action="store_true", help="three drifts, shorter segments (about 15 s)")
+    demo.add_argument("--device", default="cpu", help="cpu or cuda")
+    demo.add_argument("--out", default="selfheal_demo", help="directory for the audit log, snapshots and report")
+    demo.add_argument("--train", action="store_true", help="train the demo model now instead of loading the shipped one")
+    demo.add_argument("--data", help="your own data: .pt/.npz with reference and stream tensors (or x[, y])")
+    demo.add_argument("--model", help="with --data: pkg.module:factory returning your nn.Module")
+    demo.add_argument("--weights", help="with --data: .safetensors or .pt state dict for the model")
+    demo.add_argument("--batch-size", type=int, default=64)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-report", action="store_true")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(run=_cmd_demo)
+
+    report = commands.add_parser("report", help="an HTML page with plots from an audit log")
+    report.add_argument("db")
+    report.add_argument("--out", help="HTML file (default: the log's name with .html)")
+    report.add_argument("--title")
+    report.set_defaults(run=_cmd_report)
+
     audit = commands.add_parser("audit", help="read, verify and act on an audit log")
     sub = audit.add_subparsers(dest="command", required=True)
 

@@ -131,6 +131,9 @@ class SelfHealer:
         proposal_steps: staged steps per proposal (approval mode).
         poll_interval: seconds between checks of the audit log for decisions
             made with the CLI (approval mode).
+        audit_every: with an audit log, a ``monitor`` record (drift score,
+            threshold, CUSUM, entropy, estimated accuracy) every this many
+            batches — what ``selfheal report`` plots (None: none).
     """
 
     def __init__(
@@ -170,6 +173,7 @@ class SelfHealer:
         buffer_size: int = 256,
         proposal_steps: int = 20,
         poll_interval: float = 1.0,
+        audit_every: Optional[int] = 10,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"selfheal: SelfHealer wraps an nn.Module, got {type(model).__name__}")
@@ -186,6 +190,8 @@ class SelfHealer:
             raise TypeError(f"selfheal: policy must be a selfheal_ext.governance.Policy, got {type(policy).__name__}")
         if bias_guard is not None and not isinstance(bias_guard, BiasGuard):
             raise TypeError(f"selfheal: bias_guard must be a BiasGuard, got {type(bias_guard).__name__}")
+        if audit_every is not None and int(audit_every) < 1:
+            raise ValueError(f"selfheal: audit_every must be >= 1 or None, got {audit_every}")
         if int(keep_versions) < 1 or int(buffer_size) < 1 or int(proposal_steps) < 1:
             raise ValueError("selfheal: keep_versions, buffer_size and proposal_steps must be >= 1")
         if not lr > 0:
@@ -206,6 +212,7 @@ class SelfHealer:
             "seed": int(seed), "approval": bool(approval), "keep_versions": int(keep_versions),
             "buffer_size": int(buffer_size), "proposal_steps": int(proposal_steps),
             "poll_interval": float(poll_interval),
+            "audit_every": None if audit_every is None else int(audit_every),
         }
         self.policy = policy if policy is not None else Policy(max_steps_per_minute=max_steps_per_minute)
         self.rules = validate_rules(rules)
@@ -227,6 +234,9 @@ class SelfHealer:
         options = dict(monitor_options or {})
         if "taps" not in options:
             options["taps"] = self._default_taps(options.get("tap_count", 3))
+            # the input-side tap decides when a drift has passed: it must see
+            # a raw image's noise, blur and contrast, not only its mean level
+            options.setdefault("pooling", {options["taps"][0]: "moments"})
         options.setdefault("logits_fn", logits_fn)
         options.setdefault("process_group", process_group)
         options.setdefault("seed", seed)
@@ -483,6 +493,9 @@ class SelfHealer:
         report = self.monitor.update(output)
         self.drift = report
         self.batches += 1
+        every = self.config["audit_every"]
+        if every and self.audit is not None and self.audit_error is None and self.batches % every == 0:
+            self._audit_monitor(report)
         if report.drift and not (previous is not None and previous.drift):
             attribution = report.attribution
             self._event("drift", score=report.score, threshold=report.threshold, reasons=list(report.reasons),
@@ -490,6 +503,25 @@ class SelfHealer:
                         signals=attribution.signals if attribution else {},
                         features=attribution.features if attribution else {})
         return report
+
+    def _audit_monitor(self, report: DriftReport) -> None:
+        """The monitor's reading as an audit record (not a HealEvent: a
+        measurement, not something the healer did)."""
+        try:
+            self.audit.append(
+                "monitor", version=self.version, batch=self.batches, score=report.score,
+                threshold=report.threshold, cusum=list(report.cusum), cusum_threshold=report.cusum_threshold,
+                drift=report.drift, reasons=list(report.reasons), entropy_mean=report.entropy_mean,
+                entropy_tail=report.entropy_tail, accuracy_estimate=report.accuracy_estimate,
+                batch_accuracy_estimate=report.batch_accuracy_estimate, samples=report.samples,
+                nonfinite_samples=report.nonfinite_samples, warming_up=report.warming_up,
+                active=self.active, approved_version=self.approved_version)
+        except Exception as error:  # noqa: BLE001 - same rule as for events
+            self.audit_error = f"{type(error).__name__}: {error}"
+            warnings.warn(f"selfheal: audit log write failed ({self.audit_error}); adaptation is suspended "
+                          "until reset()", RuntimeWarning, stacklevel=3)
+            self.suspended = True
+            self.hold = True
 
     def _remember(self, x: torch.Tensor) -> None:
         """Keeps the newest ``buffer_size`` finite rows of served inputs (rule
@@ -563,6 +595,12 @@ class SelfHealer:
         recent = self._long_probs.clamp_min(1e-8)
         if rows >= 8:
             shift = float((batch * (batch / recent).log()).sum())
+            # Only a batch *less* diverse than the recent stream is a run of
+            # classes; a more diverse one is the stream recovering (a source
+            # model that collapsed on one class under a drift, now served
+            # clean data again), which must not freeze the statistics.
+            if _effective_from_mean(batch) >= _effective_from_mean(recent):
+                shift = 0.0
             self._label_shift = shift if self._label_shift is None else 0.5 * self._label_shift + 0.5 * shift
         weight = rows / (rows + self.monitor.config["window"])
         self._long_probs = (1 - weight) * self._long_probs + weight * batch.double()
@@ -597,8 +635,9 @@ class SelfHealer:
         threshold = self.monitor.window_threshold
         input_z = max((report.signals.get(name, 0.0) for name in self._input_taps), default=0.0)
         # Clean: the input-side divergence well inside its null range (half the
-        # threshold) and no alarm from any signal.
-        self.clean_streak = self.clean_streak + 1 if (input_z < 0.5 * threshold and not report.drift) else 0
+        # threshold). Only the input side decides: the layers after the
+        # adapters show what the adapters do as much as what the data does.
+        self.clean_streak = self.clean_streak + 1 if input_z < 0.5 * threshold else 0
         release_after = self._release_after(report)
         if self.clean_streak >= release_after and not report.warming_up:
             self._release()

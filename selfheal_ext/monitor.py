@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import ops, reference
-from .taps import (Tap, TapSpec, apply_sketch, first_tensor, pool_features, random_projection, resolve_taps,
+from .taps import (POOLINGS, Tap, TapSpec, apply_sketch, first_tensor, pool_features, random_projection, resolve_taps,
                    sketch_plan)
 from .thresholds import binomial_upper_tail, cusum_threshold, fit_temperature, upper_quantile
 from .windows import ExponentialWindow, SlidingWindow
@@ -114,6 +114,8 @@ class DriftMonitor:
         taps: module names and/or ``nn.Module`` types whose *inputs* are
             watched. Default: the classifier head and the last blocks before it.
         tap_count: how many layers the default choice taps.
+        pooling: per tap name, ``"mean"`` (default: per-channel means) or
+            ``"moments"`` (means and standard deviations of each channel).
         bins: histogram bins per feature between the reference quantiles
             ``quantile_range`` (plus an underflow and an overflow bin).
         window: samples in the window the divergences are computed on.
@@ -165,6 +167,7 @@ class DriftMonitor:
         process_group=None,
         seed: int = 0,
         max_calibration_samples: int = 65_536,
+        pooling: Optional[Dict[str, str]] = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"selfheal: DriftMonitor watches an nn.Module, got {type(model).__name__}")
@@ -187,12 +190,21 @@ class DriftMonitor:
             raise ValueError(f"selfheal: bootstrap must be >= 200 windows, got {bootstrap}")
         self.model = model
         self.taps: List[Tap] = resolve_taps(model, taps, tap_count)
+        pooling = dict(pooling or {})
+        for name, kind in pooling.items():
+            if kind not in POOLINGS:
+                raise ValueError(f"selfheal: pooling for {name!r} must be one of {POOLINGS}, got {kind!r}")
+            if name not in [tap.name for tap in self.taps]:
+                raise ValueError(f"selfheal: pooling given for {name!r}, which is not a tap ({self.tap_names})")
+        for tap in self.taps:
+            tap.pooling = pooling.get(tap.name, "mean")
         self.config = {
             "bins": int(bins), "window": int(window), "window_kind": window_kind,
             "false_alarm_every": float(false_alarm_every), "divergence": divergence,
             "max_features": int(max_features), "quantile_range": (float(low), float(high)),
             "cusum_allowance": float(cusum_allowance), "bootstrap": bootstrap, "seed": int(seed),
             "max_calibration_samples": int(max_calibration_samples),
+            "pooling": {name: kind for name, kind in sorted(pooling.items()) if kind != "mean"},
         }
         self.logits_fn = logits_fn
         self.process_group = process_group
@@ -276,7 +288,7 @@ class DriftMonitor:
             if value is None:
                 raise TypeError(f"selfheal: tapped module {tap.name!r} was called without a tensor argument")
             with torch.no_grad():
-                features = pool_features(value.detach(), tap.channels_first)
+                features = pool_features(value.detach(), tap.channels_first, tap.pooling)
                 if not features.is_floating_point() or features.dtype == torch.float64:
                     features = features.float()
                 plan = self._sketch_plan(tap, features.shape[1])
@@ -853,6 +865,7 @@ class DriftMonitor:
                              f"this monitor taps {self.tap_names}")
         config = dict(state["config"])
         config["quantile_range"] = tuple(config["quantile_range"])
+        config.setdefault("pooling", {})  # states saved before per-tap pooling existed
         if config != self.config:
             differ = sorted(k for k in set(config) | set(self.config) if config.get(k) != self.config.get(k))
             raise ValueError(f"selfheal: state was saved with a different configuration ({', '.join(differ)})")

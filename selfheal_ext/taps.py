@@ -34,6 +34,7 @@ class Tap:
 
     name: str
     module: nn.Module
+    pooling: str = "mean"  # "moments": per-channel mean and standard deviation
 
     @property
     def channels_first(self) -> bool:
@@ -121,18 +122,29 @@ def first_tensor(args: Iterable) -> Optional[torch.Tensor]:
     return None
 
 
-def pool_features(x: torch.Tensor, channels_first: bool) -> torch.Tensor:
+POOLINGS = ("mean", "moments")
+
+
+def pool_features(x: torch.Tensor, channels_first: bool, pooling: str = "mean") -> torch.Tensor:
     """``[N, F]`` per-sample features of a layer input: ``[N, C, *spatial]``
-    maps are averaged per channel, ``[N, L, F]`` sequences per feature."""
+    maps are averaged per channel, ``[N, L, F]`` sequences per feature.
+    ``pooling="moments"`` adds each channel's standard deviation (``[N, 2C]``):
+    a raw image with few channels has almost nothing in its channel means —
+    noise, blur and contrast changes leave them unchanged — and a great deal
+    in their spread."""
     if x.dim() == 0:
         raise ValueError("selfheal: a tapped layer received a 0-d tensor; taps need a batch dimension")
     if x.dim() == 1:
         return x.unsqueeze(1)
     if x.dim() == 2:
         return x
-    if channels_first or x.dim() >= 4:
-        return x.flatten(2).mean(dim=2)
-    return x.flatten(1, -2).mean(dim=1)
+    values = x.flatten(2) if (channels_first or x.dim() >= 4) else x.flatten(1, -2).transpose(1, 2)
+    if pooling == "moments":
+        if not values.is_floating_point():
+            values = values.float()
+        std, mean = torch.std_mean(values, dim=2, correction=0)
+        return torch.cat([mean, std], dim=1)
+    return values.mean(dim=2)
 
 
 def random_projection(features: int, dim: int, seed: int) -> torch.Tensor:

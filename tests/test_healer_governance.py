@@ -42,8 +42,12 @@ def test_every_event_is_an_audit_record_with_an_intact_chain(setting, tmp_path):
     for x, _ in stream + clean:
         healer(x)
     log = AuditLog(tmp_path / "audit.db", readonly=True)
-    records = log.records()
+    records = [r for r in log.records() if r.kind != "monitor"]
     assert [r.kind for r in records] == [e.kind for e in healer.events]
+    monitor = log.records(kinds=["monitor"])
+    assert [r.batch for r in monitor] == list(range(10, healer.batches + 1, 10))  # audit_every=10
+    assert all({"score", "threshold", "entropy_mean", "accuracy_estimate", "active"} <= set(r.payload)
+               for r in monitor)
     assert log.verify().ok
     kinds = {r.kind for r in records}
     assert {"drift", "activate", "step", "snapshot", "release"} <= kinds

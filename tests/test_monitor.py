@@ -283,3 +283,33 @@ def test_monitor_on_cuda_matches_cpu(window_kind):
     # Model outputs differ in rounding between devices, so a value on a bin
     # edge may move; every value is still binned exactly once.
     assert cpu_monitor._window.totals()[0].sum().item() == cuda_monitor._window.totals()[0].cpu().sum().item()
+
+
+def test_moments_pooling_sees_noise_that_channel_means_miss():
+    from selfheal_ext.taps import pool_features
+    x = torch.rand(8, 3, 5, 5)
+    pooled = pool_features(x, True, "moments")
+    assert pooled.shape == (8, 6)
+    assert torch.allclose(pooled[:, :3], x.flatten(2).mean(2)) and torch.allclose(pooled[:, 3:], x.flatten(2).std(2, correction=0))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 3)).eval()
+    healthy = [torch.rand(64, 1, 16, 16) for _ in range(12)]
+    noisy = [(torch.rand(64, 1, 16, 16) + 0.5 * torch.randn(64, 1, 16, 16)) for _ in range(6)]
+    options = dict(taps=["0"], window=128, false_alarm_every=200, bootstrap=400)
+    scores = {}
+    for pooling in ("mean", "moments"):
+        monitor = sh.DriftMonitor(model, pooling={"0": pooling}, **options)
+        monitor.calibrate(healthy)
+        for x in noisy:
+            monitor(x)
+        scores[pooling] = monitor.last_report.signals["0"]
+        state = monitor.state_dict()
+        assert state["config"]["pooling"] == ({} if pooling == "mean" else {"0": "moments"})
+        twin = sh.DriftMonitor(model, pooling={"0": pooling}, **options)
+        twin.load_state_dict(state)
+    # zero-mean noise leaves the channel mean alone; its spread is what moved
+    assert scores["moments"] > monitor.window_threshold and scores["moments"] > 5 * max(scores["mean"], 1.0)
+    with pytest.raises(ValueError, match="pooling"):
+        sh.DriftMonitor(model, pooling={"0": "median"}, **options)
+    with pytest.raises(ValueError, match="not a tap"):
+        sh.DriftMonitor(model, pooling={"3": "moments"}, **options)
