@@ -385,7 +385,10 @@ def run_demo(*, quick: bool = False, device: str = "cpu", out: str = "selfheal_d
         title = f"digits CNN, {origin}"
     else:
         model, calibration, segments, title = load_user_setup(data, model_spec, weights, batch_size, device)
-        monitor_options = {}
+        # the monitor's window: the default 512 samples, or a quarter of the
+        # reference when it is smaller (calibration needs four windows of it)
+        reference_rows = sum(len(b) for b in calibration)
+        monitor_options = {"window": max(16, min(512, reference_rows // 4))}
     parameters = sum(p.numel() for p in model.parameters())
     print_fn(f"selfheal demo: {title}; {parameters:,} parameters; device {device}; audit log {audit_path}")
 

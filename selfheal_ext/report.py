@@ -81,7 +81,7 @@ def _plots(monitor: List[AuditRecord], events: List[AuditRecord]) -> List[Tuple[
         axis.plot(batches, threshold, lw=1, ls="--", color="#d62728", label="threshold")
         shade_active(axis)
         mark_events(axis)
-        axis.legend(loc="upper left", fontsize=8, ncol=4)
+        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncol=7, frameon=False)
     else:
         axis.text(0.5, 0.5, "no monitor records (audit_every=None)", ha="center", transform=axis.transAxes)
     axis.set_xlabel("batch")
@@ -111,13 +111,13 @@ def _plots(monitor: List[AuditRecord], events: List[AuditRecord]) -> List[Tuple[
     figure, axis = plt.subplots(figsize=(10, 2.8))
     steps = [r for r in events if r.kind == "step" and r.batch is not None]
     if steps:
-        axis.plot([r.batch for r in steps], [r.payload.get("shift", 0) if isinstance(r.payload.get("shift"), float)
-                                              else 0 for r in steps], lw=1.2, color="#1f77b4",
-                  label="adapter distance from source")
+        axis.scatter([r.batch for r in steps], [r.payload.get("shift", 0) if isinstance(r.payload.get("shift"), float)
+                                                 else 0 for r in steps], s=8, color="#1f77b4",
+                     label="step (adapter distance from source)")
     other = [r for r in events if r.kind in _MARKERS and r.batch is not None]
     if steps or other:
         mark_events(axis)
-        axis.legend(loc="upper left", fontsize=8, ncol=4)
+        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), fontsize=8, ncol=7, frameon=False)
     else:
         axis.text(0.5, 0.5, "no adaptation", ha="center", transform=axis.transAxes)
     axis.set_xlabel("batch")
