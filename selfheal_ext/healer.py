@@ -257,6 +257,10 @@ class SelfHealer:
         self._shadow = None
         self._reference_probs: Optional[torch.Tensor] = None
         self._long_probs: Optional[torch.Tensor] = None
+        self._listeners: List[Callable] = []
+        # seconds of the last served batch: model forward (with taps and
+        # adapters), monitor decision, adaptation and guards
+        self.timing: Dict[str, float] = {}
         self._source_digest = tensor_digest(self._source_state)
         self._approved_digests = {self._source_digest}
         self._created_files = set()  # snapshot files this healer wrote (the only ones it may delete)
@@ -456,35 +460,62 @@ class SelfHealer:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"selfheal: SelfHealer takes a tensor batch, got {type(x).__name__}")
         with self._lock:
-            if self.config["approval"]:
-                return self._serve_approved(x)
-            if self.audit_error is not None and (self.adapters.active or self._worker is not None):
-                self._stop_worker()
-                self.adapters.active = False  # never adapt unaudited
-            if self._unchecked and self.rules and self.active and not self.suspended:
-                self._unchecked = False
-                self._gate_rules()  # a version the deferred worker published: checked before it serves
-            # Not diverse enough to trust (label-ordered streams): normalise
-            # with the running statistics and do not update them from these
-            # batches (a run of one class would slowly poison them too).
-            # Outside the policy's hours the statistics are held as well.
-            robust = self._robust_norm() or not self.policy.hours_allow()
-            self.adapters.set_robust(robust)
-            self.adapters.set_update_running(not robust)
-            with torch.no_grad(), self.monitor.watching():
-                output = self.model(x)
-            report = self._read(output)
-            logits = self._logits(output).detach()
-            if self.rules or self.bias_guard is not None:
-                self._remember(x)
-            if self.active or self.suspended:
-                self._after_batch(x, logits, report)
-            else:
-                self._track(logits)
-                if report.drift and self.audit_error is None and self._policy_allows():
-                    self._activate(report)
-                    self._after_batch(x, logits, report)
+            output = self._serve_approved(x) if self.config["approval"] else self._serve(x)
+        self._notify(self.drift)
         return output
+
+    def _serve(self, x: torch.Tensor) -> torch.Tensor:
+        if self.audit_error is not None and (self.adapters.active or self._worker is not None):
+            self._stop_worker()
+            self.adapters.active = False  # never adapt unaudited
+        if self._unchecked and self.rules and self.active and not self.suspended:
+            self._unchecked = False
+            self._gate_rules()  # a version the deferred worker published: checked before it serves
+        # Not diverse enough to trust (label-ordered streams): normalise
+        # with the running statistics and do not update them from these
+        # batches (a run of one class would slowly poison them too).
+        # Outside the policy's hours the statistics are held as well.
+        robust = self._robust_norm() or not self.policy.hours_allow()
+        self.adapters.set_robust(robust)
+        self.adapters.set_update_running(not robust)
+        started = time.perf_counter()
+        with torch.no_grad(), self.monitor.watching():
+            output = self.model(x)
+        served = time.perf_counter()
+        report = self._read(output)
+        decided = time.perf_counter()
+        logits = self._logits(output).detach()
+        if self.rules or self.bias_guard is not None:
+            self._remember(x)
+        if self.active or self.suspended:
+            self._after_batch(x, logits, report)
+        else:
+            self._track(logits)
+            if report.drift and self.audit_error is None and self._policy_allows():
+                self._activate(report)
+                self._after_batch(x, logits, report)
+        self.timing = {"forward": served - started, "monitor": decided - served,
+                       "adapt": time.perf_counter() - decided}
+        return output
+
+    def add_listener(self, listener: Callable[["SelfHealer", DriftReport], None]) -> None:
+        """Calls ``listener(healer, report)`` after every served batch (e.g.
+        ``selfheal_ext.metrics.Metrics``). A listener that raises is removed
+        and reported with a warning; serving goes on."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _notify(self, report: DriftReport) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(self, report)
+            except Exception as error:  # noqa: BLE001 - observers never break serving
+                self._listeners.remove(listener)
+                warnings.warn(f"selfheal: listener {listener!r} raised {type(error).__name__}: {error}; removed",
+                              RuntimeWarning, stacklevel=3)
 
     def _read(self, output) -> DriftReport:
         """The monitor's decision for the batch just served; the onset of an
@@ -1110,12 +1141,17 @@ class SelfHealer:
         self.adapters.active = self.approved_version != 0
         self.adapters.set_robust(True)
         self.adapters.set_update_running(False)
+        started = time.perf_counter()
         with torch.no_grad(), self.monitor.watching():
             output = self.model(x)
+        served = time.perf_counter()
         report = self._read(output)
+        decided = time.perf_counter()
         logits = self._logits(output).detach()
         self._remember(x)
         self._stage_batch(x, logits, report)
+        self.timing = {"forward": served - started, "monitor": decided - served,
+                       "adapt": time.perf_counter() - decided}
         return output
 
     def _stage_batch(self, x: torch.Tensor, logits: torch.Tensor, report: DriftReport) -> None:
