@@ -143,12 +143,16 @@ if $built; then
   run_step tests-cuda tests_cuda.log "$(step_limit 120 150)" "0 5" \
     python -m pytest tests -x -q -k cuda || true
   run_step tests-all tests_all.log "$(step_limit 150 150)" 0 python -m pytest tests -q || true
-  run_step bench bench_cuda.txt "$(step_limit 600 5)" 0 \
+  run_step bench bench_cuda.txt "$(step_limit 600 90)" 0 \
     python bench/bench_ops.py --device cuda --out "$OUTDIR/ops_cuda.json" || true
+  run_step overhead overhead_cuda.txt "$(step_limit 120 30)" 0 \
+    python bench/overhead.py --device cuda --quick --out "$OUTDIR/overhead_cuda.json" || true
+  run_step demo demo_cuda.txt "$(step_limit 90 5)" 0 \
+    python -m selfheal_ext demo --quick --device cuda --no-progress --out "$OUTDIR/demo" || true
 else
   # Without a fresh build the tests and benchmark would only measure the
   # pure-PyTorch fallback (or fail to import): build.log holds the answer.
-  for step in build-info tests-cuda tests-all bench; do skip_step "$step" "build failed"; done
+  for step in build-info tests-cuda tests-all bench overhead demo; do skip_step "$step" "build failed"; done
 fi
 
 echo

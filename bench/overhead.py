@@ -1,0 +1,149 @@
+"""End-to-end cost of serving through selfheal_ext: latency and throughput
+of one served batch with
+
+  (a) the plain model,
+  (b) the drift monitor only (``DriftMonitor``),
+  (c) ``SelfHealer`` dormant (monitor + dormant adapters),
+  (d) ``SelfHealer`` healing (adapters active, one adaptation step per batch),
+  (e) (d) with the audit log and a rule gate,
+
+all measured in the same run, interleaved round-robin so that the machine's
+drift in speed hits every configuration alike. CPU by default; ``--device
+cuda`` on a GPU (``bench/gpu_check.sh``).
+
+    python bench/overhead.py                  # about 2 minutes on 2 cores
+    python bench/overhead.py --quick          # smoke run
+"""
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import selfheal_ext as sh  # noqa: E402
+from selfheal_ext.demo import CORRUPTIONS, load_digits, load_digits_model  # noqa: E402
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, 512),
+                         nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, 10)).eval()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+POOL = 16  # distinct batches cycled through (one batch repeated would itself look like drift)
+
+
+def setups(name, batch, device, quick):
+    """(model, calibration batches, clean batches, drifted batches, monitor options)."""
+    generator = torch.Generator().manual_seed(0)
+    if name == "digits-cnn":
+        digits = load_digits(device)
+        model = load_digits_model()[0].to(device)
+        calibration = list(digits["calibration"][0].split(64))
+        test = digits["test"][0]
+        clean = [test[torch.randint(len(test), (batch,), generator=generator).to(device)] for _ in range(POOL)]
+        drifted = [CORRUPTIONS["contrast"](x, generator) for x in clean]
+        return model, calibration, clean, drifted, {"window": 128, "false_alarm_every": 1000}
+    model = mlp().to(device)
+    reference = torch.randn(4096, 64, generator=generator).to(device)
+    clean = [torch.randn(batch, 64, generator=generator).to(device) for _ in range(POOL)]
+    drifted = [x * 1.5 + 0.5 for x in clean]
+    return model, list(reference.split(256)), clean, drifted, {"window": 512, "false_alarm_every": 1000}
+
+
+def measure(name, batch, device, repeats, quick):
+    model, calibration, clean, drifted, monitor_options = setups(name, batch, device, quick)
+    monitor_model = copy.deepcopy(model)
+    monitor = sh.DriftMonitor(monitor_model, **monitor_options)
+    monitor.calibrate(calibration)
+    dormant = sh.SelfHealer(copy.deepcopy(model), monitor_options=monitor_options)
+    dormant.calibrate(calibration)
+    healing = sh.SelfHealer(copy.deepcopy(model), monitor_options=monitor_options)
+    healing.calibrate(calibration)
+    directory = tempfile.mkdtemp(prefix="selfheal-overhead-")
+    governed = sh.SelfHealer(copy.deepcopy(model), monitor_options=monitor_options,
+                             audit=os.path.join(directory, "audit.db"), rules=[sh.rules.ClassRate(0, 0.0, 1.0)])
+    governed.calibrate(calibration)
+    for healer in (healing, governed):  # drive them into drift: adapters active
+        for x in drifted[:8]:
+            healer(x)
+        if not healer.active:
+            raise SystemExit(f"{name}: the healer did not activate on the drifted batch")
+
+    def plain(x):
+        with torch.no_grad():
+            return model(x)
+
+    configurations = {
+        "(a) plain model": (plain, clean),
+        "(b) monitor only": (monitor, clean),
+        "(c) healer dormant": (dormant, clean),
+        "(d) healer healing": (healing, drifted),
+        "(e) healing + audit + rule gate": (governed, drifted),
+    }
+    samples = {key: [] for key in configurations}
+    for key, (function, pool) in configurations.items():  # warm-up
+        for x in pool[:3]:
+            function(x)
+    for repeat in range(repeats):
+        for key, (function, pool) in configurations.items():
+            x = pool[repeat % len(pool)]
+            synchronize(device)
+            started = time.perf_counter()
+            function(x)
+            synchronize(device)
+            samples[key].append(time.perf_counter() - started)
+    if not healing.active or dormant.active:
+        raise SystemExit(f"{name}: a healer changed state during timing (healing {healing.active}, "
+                         f"dormant {dormant.active})")
+    governed.audit.close()
+    median = {key: statistics.median(values) for key, values in samples.items()}
+    base = median["(a) plain model"]
+    return {"model": name, "batch": batch, "device": str(device), "repeats": repeats,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "rows": [{"configuration": key, "median_ms": 1e3 * value, "ratio": value / base,
+                      "samples_per_s": batch / value} for key, value in median.items()]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    repeats = 10 if args.quick else 60
+    cases = [("digits-cnn", 64), ("digits-cnn", 256), ("mlp-64-512-512-10", 256)]
+    if args.quick:
+        cases = cases[:1] + cases[2:]
+    results = []
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}\n")
+    print("| model | batch | configuration | median ms | vs plain | samples/s |\n|---|---|---|---|---|---|")
+    for name, batch in cases:
+        result = measure(name, batch, device, repeats, args.quick)
+        results.append(result)
+        for row in result["rows"]:
+            print(f"| {name} | {batch} | {row['configuration']} | {row['median_ms']:.2f} | "
+                  f"{row['ratio']:.2f}x | {row['samples_per_s']:,.0f} |", flush=True)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as handle:
+            json.dump({"results": results, "torch": torch.__version__, "threads": torch.get_num_threads()},
+                      handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
