@@ -38,6 +38,15 @@ def mlp():
                          nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, 10)).eval()
 
 
+def cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).eval()
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -57,9 +66,11 @@ def setups(name, batch, device, quick):
         clean = [test[torch.randint(len(test), (batch,), generator=generator).to(device)] for _ in range(POOL)]
         drifted = [CORRUPTIONS["contrast"](x, generator) for x in clean]
         return model, calibration, clean, drifted, {"window": 128, "false_alarm_every": 1000}
-    model = mlp().to(device)
-    reference = torch.randn(4096, 64, generator=generator).to(device)
-    clean = [torch.randn(batch, 64, generator=generator).to(device) for _ in range(POOL)]
+    # synthetic: random weights, inputs from a fixed distribution (only the cost is measured)
+    model = (cnn() if name.startswith("cnn") else mlp()).to(device)
+    shape = (3, 32, 32) if name.startswith("cnn") else (64,)
+    reference = torch.randn(4096, *shape, generator=generator).to(device)
+    clean = [torch.randn(batch, *shape, generator=generator).to(device) for _ in range(POOL)]
     drifted = [x * 1.5 + 0.5 for x in clean]
     return model, list(reference.split(256)), clean, drifted, {"window": 512, "false_alarm_every": 1000}
 
@@ -126,7 +137,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     repeats = 10 if args.quick else 60
-    cases = [("digits-cnn", 64), ("digits-cnn", 256), ("mlp-64-512-512-10", 256)]
+    cases = [("digits-cnn", 64), ("cnn-3x32x32", 256), ("mlp-64-512-512-10", 256)]
     if args.quick:
         cases = cases[:1] + cases[2:]
     results = []
