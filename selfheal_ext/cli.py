@@ -209,6 +209,8 @@ def _cmd_report(args) -> int:
         path = write_report(args.db, out, title=args.title)
     except OSError as error:
         raise CommandError(f"cannot write {out!r}: {error}", 2) from None
+    except (ValueError, TypeError) as error:  # a log whose records cannot be plotted
+        raise CommandError(f"cannot render {args.db!r}: {type(error).__name__}: {error}", 1) from None
     print(f"wrote {path}")
     return 0
 

@@ -164,12 +164,15 @@ def load_user_setup(data: str, model_spec: Optional[str], weights: Optional[str]
     if not path.is_file():
         raise DemoError(f"no data file at {data!r}")
     try:
+        wanted = ("reference", "stream", "stream_labels", "segments", "x", "y")
         if path.suffix == ".npz":
             import numpy as np
             with np.load(path, allow_pickle=False) as archive:
-                tables = {key: torch.from_numpy(archive[key]) for key in archive.files}
+                tables = {key: torch.as_tensor(archive[key]) for key in archive.files if key in wanted}
         else:
             tables = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(tables, dict):
+                tables = {key: torch.as_tensor(value) for key, value in tables.items() if key in wanted}
     except Exception as error:  # noqa: BLE001 - any unreadable file ends here
         raise DemoError(f"cannot read {data!r}: {type(error).__name__}: {error}") from None
     if not isinstance(tables, dict):
@@ -183,17 +186,30 @@ def load_user_setup(data: str, model_spec: Optional[str], weights: Optional[str]
     else:
         raise DemoError(f"{data!r} has keys {sorted(tables)}; expected 'reference' and 'stream' (or 'x')")
     for name, tensor in (("reference", reference), ("stream", stream)):
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() < 2 or len(tensor) == 0:
-            raise DemoError(f"{name!r} in {data!r} must be a non-empty tensor [N, ...]")
+        if tensor.dim() < 2 or len(tensor) == 0:
+            raise DemoError(f"{name!r} in {data!r} must be a non-empty batch of inputs [N, features...] "
+                            f"(at least 2-D), got shape {tuple(tensor.shape)}")
+    if reference.shape[1:] != stream.shape[1:]:
+        raise DemoError(f"reference rows {tuple(reference.shape[1:])} and stream rows {tuple(stream.shape[1:])} differ")
     reference, stream = reference.float(), stream.float()
-    if labels is not None and len(labels) != len(stream):
-        raise DemoError(f"stream_labels has {len(labels)} rows for a stream of {len(stream)}")
+    if labels is not None and (labels.dim() != 1 or len(labels) != len(stream)):
+        raise DemoError(f"stream_labels must be class indices [N] for a stream of {len(stream)}, "
+                        f"got shape {tuple(labels.shape)}")
     if model_spec is None:
         raise DemoError("--data needs --model pkg.module:factory (a callable returning the nn.Module)")
     model = _import_model(model_spec)
     if weights is not None:
         _load_weights(model, weights)
     model = model.to(device).eval()
+    try:  # a first forward: inputs the model cannot take end here, with the model's own message
+        with torch.no_grad():
+            probe = model(reference[:2].to(device))
+    except Exception as error:  # noqa: BLE001
+        raise DemoError(f"the model cannot run on the reference inputs {tuple(reference.shape[1:])}: "
+                        f"{type(error).__name__}: {str(error)[:300]}") from None
+    if not isinstance(probe, torch.Tensor) or probe.dim() != 2:
+        raise DemoError(f"the model must return logits [N, classes], got "
+                        f"{tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__}")
     starts = [int(s) for s in tables.get("segments", torch.tensor([0])).reshape(-1).tolist()]
     starts = sorted(set([0] + [s for s in starts if 0 < s < len(stream)]))
     segments = []
@@ -217,7 +233,10 @@ def _import_model(spec: str) -> nn.Module:
         raise DemoError(f"cannot import {spec!r}: {error}") from None
     finally:
         sys.path.pop(0)
-    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    try:
+        model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    except Exception as error:  # noqa: BLE001 - the user's factory
+        raise DemoError(f"{spec!r} raised {type(error).__name__}: {error}") from None
     if not isinstance(model, nn.Module):
         raise DemoError(f"{spec!r} gave a {type(model).__name__}, not an nn.Module")
     return model
@@ -259,6 +278,7 @@ class SegmentResult:
     steps: int
     rollbacks: int
     events: Dict[str, int] = field(default_factory=dict)
+    carried: bool = False  # the alarm of the segment before was still on when it began
 
 
 def run_stream(healer, source: nn.Module, segments: List[Segment], progress: Callable[[int], None]) -> List[SegmentResult]:
@@ -268,13 +288,18 @@ def run_stream(healer, source: nn.Module, segments: List[Segment], progress: Cal
     for segment in segments:
         correct_source = correct_healed = samples = 0
         estimated, delay, steps_before = 0.0, None, healer.steps
-        events_before = len(healer.events)
+        first_seq = healer.event_count
+        carried = healer.drift_detected  # still alarming from the segment before
         for index, x in enumerate(segment.inputs):
+            seq = healer.event_count
             with torch.no_grad():
                 source_logits = source(x)
             logits = healer(x)
             report = healer.drift
-            if delay is None and healer.drift_detected:
+            # a detection is an alarm's onset (or an activation) in this segment
+            new = healer.event_count - seq  # the newest `new` events are this batch's
+            fresh = [e for e in healer.events[-new:] if e.kind in ("drift", "activate")] if new > 0 else []
+            if delay is None and fresh:
                 delay = index + 1
             estimated += report.batch_accuracy_estimate * len(x)
             if segment.labels is not None:
@@ -284,13 +309,15 @@ def run_stream(healer, source: nn.Module, segments: List[Segment], progress: Cal
             samples += len(x)
             progress(1)
         kinds: Dict[str, int] = {}
-        for event in healer.events[events_before:]:
-            kinds[event.kind] = kinds.get(event.kind, 0) + 1
+        for event in healer.events:
+            if event.seq > first_seq:
+                kinds[event.kind] = kinds.get(event.kind, 0) + 1
         labelled = segment.labels is not None and samples > 0
         results.append(SegmentResult(
             segment.name, segment.drifted, len(segment.inputs), samples,
             correct_source / samples if labelled else None, correct_healed / samples if labelled else None,
-            estimated / max(samples, 1), delay, healer.steps - steps_before, kinds.get("rollback", 0), kinds))
+            estimated / max(samples, 1), delay, healer.steps - steps_before, kinds.get("rollback", 0), kinds,
+            carried=carried and delay is None))
     return results
 
 
@@ -328,7 +355,8 @@ def format_table(results: List[SegmentResult]) -> str:
                      "-" if r.source_accuracy is None else f"{100 * r.source_accuracy:.1f}%",
                      "-" if r.healed_accuracy is None else f"{100 * r.healed_accuracy:.1f}%",
                      f"{100 * r.estimated_accuracy:.1f}%",
-                     "-" if not r.drifted else ("missed" if r.detection_delay is None else str(r.detection_delay)),
+                     "-" if not r.drifted else (str(r.detection_delay) if r.detection_delay is not None
+                                                else ("cont." if r.carried else "missed")),
                      str(r.steps), str(r.rollbacks)])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
@@ -338,22 +366,26 @@ def format_table(results: List[SegmentResult]) -> str:
 
 
 def summarise(results: List[SegmentResult]) -> Dict[str, Optional[float]]:
-    def mean(values):
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values else None
+    def mean(pairs):
+        """Sample-weighted mean of (value, samples) pairs with a value."""
+        pairs = [(v, n) for v, n in pairs if v is not None and n]
+        total = sum(n for _, n in pairs)
+        return sum(v * n for v, n in pairs) / total if total else None
     drifted = [r for r in results if r.drifted]
     clean = [r for r in results if not r.drifted]
-    source = mean(r.source_accuracy for r in drifted)
-    healed = mean(r.healed_accuracy for r in drifted)
-    clean_acc = mean(r.source_accuracy for r in clean)
+    source = mean((r.source_accuracy, r.samples) for r in drifted)
+    healed = mean((r.healed_accuracy, r.samples) for r in drifted)
+    clean_acc = mean((r.source_accuracy, r.samples) for r in clean)
     restored = None
     if None not in (source, healed, clean_acc) and clean_acc - source > 1e-9:
         restored = (healed - source) / (clean_acc - source)
     delays = [r.detection_delay for r in drifted if r.detection_delay is not None]
     return {"drift_source_accuracy": source, "drift_healed_accuracy": healed,
-            "clean_source_accuracy": clean_acc, "clean_healed_accuracy": mean(r.healed_accuracy for r in clean),
+            "clean_source_accuracy": clean_acc,
+            "clean_healed_accuracy": mean((r.healed_accuracy, r.samples) for r in clean),
             "restored_share": restored, "mean_detection_delay": sum(delays) / len(delays) if delays else None,
-            "missed": sum(r.detection_delay is None for r in drifted)}
+            "missed": sum(r.detection_delay is None and not r.carried for r in drifted),
+            "carried": sum(r.carried for r in drifted)}
 
 
 def run_demo(*, quick: bool = False, device: str = "cpu", out: str = "selfheal_demo", train: bool = False,
@@ -363,7 +395,10 @@ def run_demo(*, quick: bool = False, device: str = "cpu", out: str = "selfheal_d
     """The demo; returns what it printed as numbers (per segment and summary)."""
     import selfheal_ext as sh
     started = time.perf_counter()
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise DemoError(f"--device {device!r}: {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DemoError("--device cuda: no CUDA device is available here")
     torch.manual_seed(seed)
@@ -371,7 +406,9 @@ def run_demo(*, quick: bool = False, device: str = "cpu", out: str = "selfheal_d
     out_dir.mkdir(parents=True, exist_ok=True)
     audit_path = out_dir / "audit.db"
     for stale in (audit_path, Path(str(audit_path) + "-wal"), Path(str(audit_path) + "-shm")):
-        stale.unlink(missing_ok=True)  # each demo run writes its own log
+        stale.unlink(missing_ok=True)  # each demo run writes its own log and snapshots
+    import shutil
+    shutil.rmtree(str(audit_path) + ".snapshots", ignore_errors=True)
 
     if data is None:
         digits = load_digits(device)
@@ -402,7 +439,7 @@ def run_demo(*, quick: bool = False, device: str = "cpu", out: str = "selfheal_d
         raise DemoError(str(error).removeprefix("selfheal: ")) from None
     print_fn(f"calibrated on {report_.samples} healthy samples in {time.perf_counter() - calibration_started:.1f} s "
              f"(window threshold {report_.window_threshold:.2f}, one false alarm per "
-             f"{healer.monitor.config['false_alarm_every']:,} batches)")
+             f"{int(healer.monitor.config['false_alarm_every']):,} batches)")
     total = sum(len(s.inputs) for s in segments)
     bar = Progress(total, enabled=progress)
     results = run_stream(healer, source, segments, bar)
@@ -421,8 +458,10 @@ def run_demo(*, quick: bool = False, device: str = "cpu", out: str = "selfheal_d
             print_fn(f"clean data: source {100 * summary['clean_source_accuracy']:.1f}%, healed "
                      f"{100 * summary['clean_healed_accuracy']:.1f}%")
     if summary["mean_detection_delay"] is not None:
-        print_fn(f"detection: mean delay {summary['mean_detection_delay']:.1f} batches"
-                 + (f", {summary['missed']} drift(s) missed" if summary["missed"] else ", no drift missed"))
+        print_fn(f"detection: mean delay {summary['mean_detection_delay']:.1f} batches (1: alarm on the drift's "
+                 f"first batch)" + (f", {summary['missed']} drift(s) missed" if summary["missed"] else ", no drift missed")
+                 + (f", {summary['carried']} met by an alarm still on from the segment before" if summary["carried"]
+                    else ""))
     counts: Dict[str, int] = {}
     for event in healer.events:
         counts[event.kind] = counts.get(event.kind, 0) + 1

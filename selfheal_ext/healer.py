@@ -60,6 +60,7 @@ class HealEvent:
     version: int
     detail: Dict[str, Any] = field(default_factory=dict)
     time: float = field(default_factory=time.time)
+    seq: int = 0  # running number of the healer's events (the list keeps the newest 10,000)
 
 
 @dataclass
@@ -246,6 +247,7 @@ class SelfHealer:
         self._input_taps: List[str] = []
         self.fisher: Dict[str, torch.Tensor] = {}
         self.events: List[HealEvent] = []
+        self.event_count = 0  # events ever recorded (HealEvent.seq of the newest)
         self.versions: Dict[int, Dict[str, torch.Tensor]] = {0: self._source_state}
         self.version = 0
         self.good_version = 0
@@ -304,6 +306,7 @@ class SelfHealer:
         self._stage_steps = 0
         self._policy_blocked: Optional[str] = None
         self._unchecked = False  # a published deferred step not yet through the rule gate
+        self._input_visible = False  # the input-side tap has seen the current drift
         if self.bias_guard is not None:
             self.bias_guard.reset()
         self.good_version = 0
@@ -461,7 +464,8 @@ class SelfHealer:
             raise TypeError(f"selfheal: SelfHealer takes a tensor batch, got {type(x).__name__}")
         with self._lock:
             output = self._serve_approved(x) if self.config["approval"] else self._serve(x)
-        self._notify(self.drift)
+            report = self.drift
+        self._notify(report)
         return output
 
     def _serve(self, x: torch.Tensor) -> torch.Tensor:
@@ -513,7 +517,8 @@ class SelfHealer:
             try:
                 listener(self, report)
             except Exception as error:  # noqa: BLE001 - observers never break serving
-                self._listeners.remove(listener)
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
                 warnings.warn(f"selfheal: listener {listener!r} raised {type(error).__name__}: {error}; removed",
                               RuntimeWarning, stacklevel=3)
 
@@ -657,18 +662,28 @@ class SelfHealer:
         self._source_probs = None
         self._agreement = None
         self._pending = []
+        self._input_visible = False
+        self._drift_passed(report)  # the activating batch may already show it on the input side
         self._event("activate", score=report.score, reasons=list(report.reasons),
                     top_signal=report.attribution.top_signal if report.attribution else None)
         if self.config["mode"] == "deferred":
             self._start_worker()
 
-    def _after_batch(self, x: torch.Tensor, logits: torch.Tensor, report: DriftReport) -> None:
+    def _drift_passed(self, report: DriftReport) -> bool:
+        """Whether this batch looks clean. When the input-side tap has seen
+        this drift, it alone decides (under half the threshold): the layers
+        after the adapters show what the adapters do as much as what the data
+        does. A drift the input side never saw (a rotation leaves each
+        channel's mean and spread alone) must also have no alarm at all, or
+        the healer would release and re-activate batch after batch."""
         threshold = self.monitor.window_threshold
         input_z = max((report.signals.get(name, 0.0) for name in self._input_taps), default=0.0)
-        # Clean: the input-side divergence well inside its null range (half the
-        # threshold). Only the input side decides: the layers after the
-        # adapters show what the adapters do as much as what the data does.
-        self.clean_streak = self.clean_streak + 1 if input_z < 0.5 * threshold else 0
+        if input_z >= threshold:
+            self._input_visible = True
+        return input_z < 0.5 * threshold and (self._input_visible or not report.drift)
+
+    def _after_batch(self, x: torch.Tensor, logits: torch.Tensor, report: DriftReport) -> None:
+        self.clean_streak = self.clean_streak + 1 if self._drift_passed(report) else 0
         release_after = self._release_after(report)
         if self.clean_streak >= release_after and not report.warming_up:
             self._release()
@@ -1161,12 +1176,9 @@ class SelfHealer:
                 return
             self._start_stage(report)
         else:
-            # Only the input side decides: the served (approved) version's
-            # statistics are held, so layers after the adapters keep looking
-            # drifted on clean data until it is released.
-            input_z = max((report.signals.get(name, 0.0) for name in self._input_taps), default=0.0)
-            clean = input_z < 0.5 * self.monitor.window_threshold
-            self.clean_streak = self.clean_streak + 1 if clean else 0
+            # (the served version's statistics are held, so the layers after
+            # the adapters keep looking drifted on clean data until release)
+            self.clean_streak = self.clean_streak + 1 if self._drift_passed(report) else 0
             if self.clean_streak >= self._release_after(report) and not report.warming_up:
                 self._end_stage()
                 return
@@ -1190,6 +1202,8 @@ class SelfHealer:
                 self._propose()
 
     def _start_stage(self, report: DriftReport) -> None:
+        self._input_visible = False
+        self._drift_passed(report)
         self._stage = self._detached_copy(self.versions[self.approved_version])
         self._stage_steps = 0
         self.clean_streak = 0
@@ -1635,7 +1649,8 @@ class SelfHealer:
             self._event("reset", state_hash=self._source_digest, reason="requested")
 
     def _event(self, kind: str, state_hash: Optional[str] = None, **detail) -> None:
-        self.events.append(HealEvent(self.batches, kind, self.version, detail))
+        self.event_count += 1
+        self.events.append(HealEvent(self.batches, kind, self.version, detail, seq=self.event_count))
         if len(self.events) > _EVENT_LIMIT:
             del self.events[: len(self.events) - _EVENT_LIMIT]
         if self.audit is None or self.audit_error is not None:
@@ -1667,7 +1682,7 @@ class SelfHealer:
                 "version": self.version, "good_version": self.good_version, "next_version": self._next_version,
                 "counters": {"steps": self.steps, "batches": self.batches, "guard_trips": self.guard_trips,
                              "clean_streak": self.clean_streak, "episode_trips": self._episode_trips,
-                             "hold": self.hold, "suspended": self.suspended},
+                             "hold": self.hold, "suspended": self.suspended, "input_visible": self._input_visible},
                 "mean_probs": None if self._mean_probs is None else self._mean_probs.clone(),
                 "label_shift": self._label_shift, "robust": self._robust,
                 "pending": [t.clone() for t in self._pending],
@@ -1722,6 +1737,7 @@ class SelfHealer:
             self.guard_trips, self.clean_streak = int(counters["guard_trips"]), int(counters["clean_streak"])
             self._episode_trips, self.hold = int(counters["episode_trips"]), bool(counters["hold"])
             self.suspended = bool(counters["suspended"])
+            self._input_visible = bool(counters.get("input_visible", False))
             self._mean_probs = None if state["mean_probs"] is None else state["mean_probs"].to(device, copy=True)
             self._label_shift = state["label_shift"]
             self._pending = [t.to(device, copy=True) for t in state["pending"]]

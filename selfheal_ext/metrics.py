@@ -54,20 +54,16 @@ class Metrics:
         self.batch_seconds = Histogram(
             f"{prefix}_batch_seconds", "Seconds per served batch by phase", ("phase",), registry=self.registry,
             buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5))
-        self._last_event = healer.events[-1] if healer.events else None
+        self._last_seq = healer.event_count
         healer.add_listener(self)
 
     def _new_events(self, events):
-        """Events after the last one counted (the list is bounded: its oldest
-        entries are dropped, so positions shift; identities do not)."""
-        start = 0
-        if self._last_event is not None:
-            for index in range(len(events) - 1, -1, -1):
-                if events[index] is self._last_event:
-                    start = index + 1
-                    break
-        self._last_event = events[-1] if events else None
-        return events[start:]
+        """Events after the last one counted, by sequence number (the list is
+        bounded: its oldest entries are dropped, so positions shift)."""
+        new = [event for event in events[-max(0, self.healer.event_count - self._last_seq):]
+               if event.seq > self._last_seq] if self.healer.event_count > self._last_seq else []
+        self._last_seq = self.healer.event_count
+        return new
 
     def __call__(self, healer, report) -> None:
         """Updates every metric from the batch just served (the healer's listener)."""

@@ -45,9 +45,12 @@ def _plots(monitor: List[AuditRecord], events: List[AuditRecord]) -> List[Tuple[
     import matplotlib.pyplot as plt
 
     def numbers(key: str):
-        points = [(r.batch, r.payload.get(key)) for r in monitor]
-        return [b for b, v in points if isinstance(v, (int, float))], \
-               [v for b, v in points if isinstance(v, (int, float))]
+        """(batches, values) of one series; values the log holds as "nan" or
+        "inf" strings (JSON has no such numbers) are skipped, so each series
+        keeps its own batch numbers."""
+        points = [(r.batch, _number(r.payload.get(key))) for r in monitor]
+        points = [(b, v) for b, v in points if b is not None and v is not None]
+        return [b for b, _ in points], [v for _, v in points]
 
     def shade_active(axis):
         start = None
@@ -74,11 +77,11 @@ def _plots(monitor: List[AuditRecord], events: List[AuditRecord]) -> List[Tuple[
 
     images = []
     batches, score = numbers("score")
-    _, threshold = numbers("threshold")
+    threshold_batches, threshold = numbers("threshold")
     figure, axis = plt.subplots(figsize=(10, 3.2))
     if batches:
         axis.plot(batches, score, lw=1.2, color="#1f77b4", label="window drift score")
-        axis.plot(batches, threshold, lw=1, ls="--", color="#d62728", label="threshold")
+        axis.plot(threshold_batches, threshold, lw=1, ls="--", color="#d62728", label="threshold")
         shade_active(axis)
         mark_events(axis)
         axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncol=7, frameon=False)
@@ -111,9 +114,8 @@ def _plots(monitor: List[AuditRecord], events: List[AuditRecord]) -> List[Tuple[
     figure, axis = plt.subplots(figsize=(10, 2.8))
     steps = [r for r in events if r.kind == "step" and r.batch is not None]
     if steps:
-        axis.scatter([r.batch for r in steps], [r.payload.get("shift", 0) if isinstance(r.payload.get("shift"), float)
-                                                 else 0 for r in steps], s=8, color="#1f77b4",
-                     label="step (adapter distance from source)")
+        axis.scatter([r.batch for r in steps], [_number(r.payload.get("shift")) or 0.0 for r in steps], s=8,
+                     color="#1f77b4", label="step (adapter distance from source)")
     other = [r for r in events if r.kind in _MARKERS and r.batch is not None]
     if steps or other:
         mark_events(axis)
@@ -126,6 +128,14 @@ def _plots(monitor: List[AuditRecord], events: List[AuditRecord]) -> List[Tuple[
     images.append(("Adaptation events", _figure_png(figure)))
     plt.close(figure)
     return images
+
+
+def _number(value) -> Optional[float]:
+    """A finite float from a payload value, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if value == value and abs(value) != float("inf") else None
 
 
 def _when(value: float) -> str:
@@ -179,7 +189,7 @@ def write_report(audit: Union[str, os.PathLike], destination: Union[str, os.Path
         + (f"<span class=\"ok\">Hash chain intact</span> (head <code>{escape(verify.head[:16])}…</code>)."
            if verify.ok else f"<span class=\"bad\">Hash chain BROKEN: {escape(verify.reason)}</span>") + "</p>",
         "<table><tr><th>record kind</th><th>count</th></tr>"
-        + "".join(f"<tr><td>{escape(k)}</td><td>{v}</td></tr>" for k, v in sorted(counts.items())) + "</table>",
+        + "".join(f"<tr><td>{escape(str(k))}</td><td>{v}</td></tr>" for k, v in sorted(counts.items())) + "</table>",
     ]
     for caption, png in images:
         parts.append(f"<h2>{escape(caption)}</h2><img alt=\"{escape(caption)}\" src=\"data:image/png;base64,{png}\">")
@@ -187,8 +197,9 @@ def write_report(audit: Union[str, os.PathLike], destination: Union[str, os.Path
     parts.append("<table><tr><th>seq</th><th>time (UTC)</th><th>batch</th><th>kind</th><th>version</th>"
                  "<th>state</th><th>detail</th></tr>")
     for record in notable[:max_rows]:
-        parts.append(f"<tr><td>{record.seq}</td><td>{_when(record.time)}</td><td>{record.batch}</td>"
-                     f"<td>{escape(record.kind)}</td><td>{record.version}</td>"
+        parts.append(f"<tr><td>{escape(str(record.seq))}</td><td>{_when(record.time)}</td>"
+                     f"<td>{escape(str(record.batch))}</td>"
+                     f"<td>{escape(record.kind)}</td><td>{escape(str(record.version))}</td>"
                      f"<td><code>{escape((record.state_hash or '')[:12])}</code></td>"
                      f"<td>{escape(_detail(record))}</td></tr>")
     parts.append("</table></body></html>")

@@ -49,6 +49,11 @@ def test_demo_runs_end_to_end_and_prints_its_own_numbers(demo):
     assert summary["drift_healed_accuracy"] > summary["drift_source_accuracy"] + 0.1
     assert summary["clean_healed_accuracy"] >= summary["clean_source_accuracy"] - 0.02
     assert summary["missed"] == 0
+    for segment in result["segments"]:
+        if segment["drifted"]:  # an alarm rose in the segment, or the one before was still on
+            assert segment["detection_delay"] is not None or segment["carried"]
+            if segment["detection_delay"] is not None:
+                assert segment["events"].get("drift", 0) + segment["events"].get("activate", 0) >= 1
     assert result["audit_ok"] and result["records"] > 50
     log = AuditLog(out / "audit.db", readonly=True)
     assert log.verify().ok and log.records(kinds=["monitor"]) and log.records(kinds=["step"])
@@ -167,3 +172,82 @@ def test_cli_bad_arguments_end_with_a_message_and_a_non_zero_status(tmp_path, mo
     status, _, err = cli("demo", "--device", "cuda", "--no-progress")
     if not torch.cuda.is_available():
         assert status == 2 and "no CUDA device" in err
+
+
+def test_a_drift_the_input_side_cannot_see_does_not_make_the_healer_flap():
+    import selfheal_ext as sh
+    from selfheal_ext.demo import load_digits, load_digits_model
+    digits = load_digits()
+    model, _ = load_digits_model()
+    healer = sh.SelfHealer(model, monitor_options={"window": 128, "false_alarm_every": 1000})
+    healer.calibrate(list(digits["calibration"][0].split(64)))
+    x, _ = digits["test"]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(16):  # mirrored digits: every channel's mean and spread unchanged
+        healer(x[torch.randint(len(x), (64,), generator=generator)].flip(-1))
+    kinds = [e.kind for e in healer.events]
+    assert kinds.count("activate") == 1 and "release" not in kinds and healer.active
+
+
+def test_report_survives_non_finite_values_and_escapes_every_cell(tmp_path):
+    from selfheal_ext.report import write_report
+    log = AuditLog(tmp_path / "audit.db")
+    for batch in range(1, 6):
+        log.append("monitor", batch=batch, score=float("nan") if batch == 3 else 1.0 + batch, threshold=4.0,
+                   entropy_mean=float("inf") if batch == 2 else 0.5, accuracy_estimate=0.9,
+                   batch_accuracy_estimate=0.9, active=batch > 3)
+    log.append("guard", batch=4, reason="<script>alert(1)</script>")
+    log.close()
+    import sqlite3
+    db = sqlite3.connect(tmp_path / "audit.db")
+    db.execute("DROP TRIGGER records_no_update")
+    db.execute("UPDATE records SET version='<img src=x onerror=alert(2)>' WHERE seq=6")
+    db.commit()
+    db.close()
+    page = write_report(tmp_path / "audit.db", tmp_path / "report.html").read_text()
+    assert "<script>" not in page and "<img src=x" not in page and "&lt;img src=x" in page
+    assert "Hash chain BROKEN" in page and page.count("data:image/png;base64,") == 3
+
+
+def test_a_listener_that_removes_itself_and_raises_does_not_break_serving():
+    sys.path.insert(0, HERE)
+    try:
+        from healing_data import Task, trained_model
+    finally:
+        sys.path.remove(HERE)
+    import selfheal_ext as sh
+    task = Task()
+    healer = sh.SelfHealer(trained_model(task), monitor_options=dict(window=256, false_alarm_every=200,
+                                                                      bootstrap=400))
+    healer.calibrate([task.sample(64)[0] for _ in range(24)])
+
+    def leaving(h, report):
+        h.remove_listener(leaving)
+        raise RuntimeError("bye")
+
+    healer.add_listener(leaving)
+    with pytest.warns(RuntimeWarning, match="bye"):
+        assert healer(task.sample(8)[0]).shape == (8, 5)
+    assert healer.event_count == len(healer.events)
+
+
+def test_user_data_shapes_are_checked_before_serving(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "usermodel.py").write_text(USER_MODEL)
+    reference = torch.randn(600, 16)
+    torch.save({"reference": reference, "stream": torch.randn(128, 16), "segments": [64]}, tmp_path / "ok.pt")
+    status, printed, err = cli("demo", "--data", "ok.pt", "--model", "usermodel:build", "--no-progress",
+                               "--no-report", "--out", "run")
+    assert status == 0 and "segment 2" in printed, err
+    for data, message in (
+            ({"reference": reference, "stream": torch.randn(64, 16), "stream_labels": torch.zeros(64, 5)},
+             "class indices"),
+            ({"reference": torch.randn(600, 8), "stream": torch.randn(64, 8)}, "cannot run on the reference"),
+            ({"reference": reference, "stream": torch.randn(64, 7)}, "differ"),
+            ({"reference": torch.randn(600), "stream": torch.randn(64)}, "at least 2-D")):
+        torch.save(data, tmp_path / "bad.pt")
+        status, _, err = cli("demo", "--data", "bad.pt", "--model", "usermodel:build", "--no-progress",
+                             "--no-report")
+        assert status == 2 and message in err, (message, err)
+    status, _, err = cli("demo", "--device", "gpu", "--no-progress")
+    assert status == 2 and "--device 'gpu'" in err
