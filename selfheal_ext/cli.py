@@ -65,35 +65,13 @@ def _filters(args) -> Dict:
             "limit": args.limit}
 
 
-def _short(value, width: int = 60) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _summary(record: AuditRecord) -> str:
-    payload = record.payload
-    keys = {"step": ("loss", "selected", "shift", "change"), "drift": ("score", "threshold", "reasons"),
-            "guard": ("reason",), "rule_violation": ("reason",), "bias": ("reason",), "policy": ("limit", "value", "bound"),
-            "rollback": ("to", "reason"), "proposal": ("proposal",), "proposal_refused": ("proposal", "problems"),
-            "approve": ("proposal", "by"), "reject": ("proposal", "by"), "approval_request": ("proposal", "decision", "by")}
-    chosen = keys.get(record.kind, tuple(payload)[:3])
-    parts = []
-    for key in chosen:
-        if key in payload:
-            value = payload[key]
-            if isinstance(value, float):
-                value = f"{value:.4g}"
-            parts.append(f"{key}={_short(value, 40)}")
-    return " ".join(parts)
-
-
 def _table(records: List[AuditRecord]) -> str:
     header = ("seq", "time (UTC)", "kind", "version", "batch", "state", "detail")
     rows = [header]
     for r in records:
         when = r.iso_time[:19].replace("T", " ")
         rows.append((str(r.seq), when, r.kind, "" if r.version is None else str(r.version),
-                     "" if r.batch is None else str(r.batch), (r.state_hash or "")[:12], _summary(r)))
+                     "" if r.batch is None else str(r.batch), (r.state_hash or "")[:12], r.summary()))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = []
     for index, row in enumerate(rows):

@@ -103,6 +103,26 @@ class AuditRecord:
     prev_hash: str
     hash: str
 
+    # payload keys shown first in one-line summaries, by kind
+    SUMMARY_KEYS = {
+        "step": ("loss", "selected", "shift", "change"), "drift": ("score", "threshold", "reasons"),
+        "guard": ("reason",), "rule_violation": ("reason",), "bias": ("reason",),
+        "policy": ("limit", "value", "bound"), "rollback": ("to", "reason"), "proposal": ("proposal",),
+        "proposal_refused": ("proposal", "problems"), "approve": ("proposal", "by"), "reject": ("proposal", "by"),
+        "approval_request": ("proposal", "decision", "by")}
+
+    def summary(self, width: int = 40, separator: str = " ") -> str:
+        """``key=value`` pairs of the payload that matter for this kind (its
+        first three keys otherwise), floats to 4 digits, values cut at ``width``."""
+        parts = []
+        for key in self.SUMMARY_KEYS.get(self.kind, tuple(self.payload)[:3]):
+            if key in self.payload:
+                value = self.payload[key]
+                text = f"{value:.4g}" if isinstance(value, float) else (
+                    value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+                parts.append(f"{key}={text if len(text) <= width else text[: width - 1] + '…'}")
+        return separator.join(parts)
+
     @property
     def iso_time(self) -> str:
         try:

@@ -482,13 +482,7 @@ class SelfHealer:
         robust = self._robust_norm() or not self.policy.hours_allow()
         self.adapters.set_robust(robust)
         self.adapters.set_update_running(not robust)
-        started = time.perf_counter()
-        with torch.no_grad(), self.monitor.watching():
-            output = self.model(x)
-        served = time.perf_counter()
-        report = self._read(output)
-        decided = time.perf_counter()
-        logits = self._logits(output).detach()
+        output, logits, report = self._served_forward(x)
         if self.rules or self.bias_guard is not None:
             self._remember(x)
         if self.active or self.suspended:
@@ -498,9 +492,24 @@ class SelfHealer:
             if report.drift and self.audit_error is None and self._policy_allows():
                 self._activate(report)
                 self._after_batch(x, logits, report)
+        self._end_timing()
+        return output
+
+    def _served_forward(self, x: torch.Tensor):
+        """The served forward pass (counted by the monitor) and its decision:
+        ``(output, detached logits, report)``; marks the phase times."""
+        started = time.perf_counter()
+        with torch.no_grad(), self.monitor.watching():
+            output = self.model(x)
+        served = time.perf_counter()
+        report = self._read(output)
+        self._marks = (started, served, time.perf_counter())
+        return output, self._logits(output).detach(), report
+
+    def _end_timing(self) -> None:
+        started, served, decided = self._marks
         self.timing = {"forward": served - started, "monitor": decided - served,
                        "adapt": time.perf_counter() - decided}
-        return output
 
     def add_listener(self, listener: Callable[["SelfHealer", DriftReport], None]) -> None:
         """Calls ``listener(healer, report)`` after every served batch (e.g.
@@ -1156,17 +1165,10 @@ class SelfHealer:
         self.adapters.active = self.approved_version != 0
         self.adapters.set_robust(True)
         self.adapters.set_update_running(False)
-        started = time.perf_counter()
-        with torch.no_grad(), self.monitor.watching():
-            output = self.model(x)
-        served = time.perf_counter()
-        report = self._read(output)
-        decided = time.perf_counter()
-        logits = self._logits(output).detach()
+        output, logits, report = self._served_forward(x)
         self._remember(x)
         self._stage_batch(x, logits, report)
-        self.timing = {"forward": served - started, "monitor": decided - served,
-                       "adapt": time.perf_counter() - decided}
+        self._end_timing()
         return output
 
     def _stage_batch(self, x: torch.Tensor, logits: torch.Tensor, report: DriftReport) -> None:

@@ -9,7 +9,6 @@ The page needs no network and no script: it opens from a file anywhere.
 from __future__ import annotations
 
 import base64
-import datetime as _dt
 import html
 import io
 import os
@@ -31,6 +30,10 @@ _MARKERS = {  # kind: (label, colour, marker)
     "release": ("released", "#1f77b4", "<"),
 }
 _QUIET = ("monitor", "step", "snapshot", "skip")
+
+
+def _when(record: AuditRecord) -> str:
+    return record.iso_time[:19].replace("T", " ")
 
 
 def _figure_png(figure) -> str:
@@ -138,27 +141,6 @@ def _number(value) -> Optional[float]:
     return value if value == value and abs(value) != float("inf") else None
 
 
-def _when(value: float) -> str:
-    try:
-        return _dt.datetime.fromtimestamp(value, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-    except (ValueError, OverflowError, OSError):
-        return "?"
-
-
-def _detail(record: AuditRecord) -> str:
-    payload = record.payload
-    keys = ("reason", "score", "proposal", "by", "to", "limit", "value", "bound", "problems", "reasons")
-    parts = []
-    for key in keys:
-        if key in payload:
-            value = payload[key]
-            if isinstance(value, float):
-                value = f"{value:.4g}"
-            text = str(value)
-            parts.append(f"{key}: {text[:160]}")
-    return "; ".join(parts)
-
-
 def write_report(audit: Union[str, os.PathLike], destination: Union[str, os.PathLike],
                  title: Optional[str] = None, max_rows: int = 500) -> Path:
     """Renders the audit log at ``audit`` into ``destination`` (HTML)."""
@@ -185,7 +167,7 @@ def write_report(audit: Union[str, os.PathLike], destination: Union[str, os.Path
         ".ok{color:#2a7d2a}.bad{color:#b00020;font-weight:bold}img{max-width:100%;margin:8px 0}</style>",
         "</head><body>", f"<h1>{escape(title)}</h1>",
         f"<p>Audit log <code>{escape(str(audit))}</code>: {len(records)} records"
-        + (f", {_when(records[0].time)} to {_when(records[-1].time)} UTC" if records else "") + ". "
+        + (f", {_when(records[0])} to {_when(records[-1])} UTC" if records else "") + ". "
         + (f"<span class=\"ok\">Hash chain intact</span> (head <code>{escape(verify.head[:16])}…</code>)."
            if verify.ok else f"<span class=\"bad\">Hash chain BROKEN: {escape(verify.reason)}</span>") + "</p>",
         "<table><tr><th>record kind</th><th>count</th></tr>"
@@ -197,11 +179,11 @@ def write_report(audit: Union[str, os.PathLike], destination: Union[str, os.Path
     parts.append("<table><tr><th>seq</th><th>time (UTC)</th><th>batch</th><th>kind</th><th>version</th>"
                  "<th>state</th><th>detail</th></tr>")
     for record in notable[:max_rows]:
-        parts.append(f"<tr><td>{escape(str(record.seq))}</td><td>{_when(record.time)}</td>"
+        parts.append(f"<tr><td>{escape(str(record.seq))}</td><td>{_when(record)}</td>"
                      f"<td>{escape(str(record.batch))}</td>"
                      f"<td>{escape(record.kind)}</td><td>{escape(str(record.version))}</td>"
                      f"<td><code>{escape((record.state_hash or '')[:12])}</code></td>"
-                     f"<td>{escape(_detail(record))}</td></tr>")
+                     f"<td>{escape(record.summary(width=160, separator='; '))}</td></tr>")
     parts.append("</table></body></html>")
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
