@@ -160,3 +160,18 @@ def test_histogram_degenerate_edges_match_reference(device):
     reference.histogram_update_(expected_counts, expected_bad, x.cpu(), lo.cpu(), hi.cpu())
     assert torch.equal(counts.cpu(), expected_counts)
     assert torch.equal(bad.cpu(), expected_bad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_histogram_values_one_ulp_either_side_of_every_edge_match_reference(device):
+    # the vectorised CPU bin rule takes the floor through an int32 round trip;
+    # a value just below an edge must stay in the lower bin, as in the reference
+    gen = torch.Generator().manual_seed(3)
+    features, bins = 29, 16
+    lo = torch.randn(features, generator=gen)
+    hi = lo + torch.rand(features, generator=gen) * 3 + 0.01
+    edges = lo[None, :] + (hi - lo)[None, :] * torch.arange(bins + 1)[:, None] / bins
+    x = torch.cat([torch.nextafter(edges, torch.tensor(-float("inf"))), edges,
+                   torch.nextafter(edges, torch.tensor(float("inf")))])
+    (counts, nonfinite), (counts_ref, nonfinite_ref) = both(x.to(device), lo.to(device), hi.to(device), bins)
+    assert torch.equal(counts, counts_ref) and torch.equal(nonfinite, nonfinite_ref)
