@@ -482,12 +482,15 @@ class SelfHealer:
         robust = self._robust_norm() or not self.policy.hours_allow()
         self.adapters.set_robust(robust)
         self.adapters.set_update_running(not robust)
+        # The monitor's read_every spares dormant serving; every batch is
+        # read while the adapters work (release and guards need each one).
+        self.monitor.read_all = self.active or self.suspended
         output, logits, report = self._served_forward(x)
         if self.rules or self.bias_guard is not None:
             self._remember(x)
         if self.active or self.suspended:
             self._after_batch(x, logits, report)
-        else:
+        elif report.read:
             self._track(logits)
             if report.drift and self.audit_error is None and self._policy_allows():
                 self._activate(report)
@@ -558,7 +561,7 @@ class SelfHealer:
                 threshold=report.threshold, cusum=list(report.cusum), cusum_threshold=report.cusum_threshold,
                 drift=report.drift, reasons=list(report.reasons), entropy_mean=report.entropy_mean,
                 entropy_tail=report.entropy_tail, accuracy_estimate=report.accuracy_estimate,
-                batch_accuracy_estimate=report.batch_accuracy_estimate, samples=report.samples,
+                batch_accuracy_estimate=report.batch_accuracy_estimate, samples=report.samples, read=report.read,
                 nonfinite_samples=report.nonfinite_samples, warming_up=report.warming_up,
                 active=self.active, approved_version=self.approved_version)
         except Exception as error:  # noqa: BLE001 - same rule as for events
@@ -1165,6 +1168,7 @@ class SelfHealer:
         self.adapters.active = self.approved_version != 0
         self.adapters.set_robust(True)
         self.adapters.set_update_running(False)
+        self.monitor.read_all = self._stage is not None
         output, logits, report = self._served_forward(x)
         self._remember(x)
         self._stage_batch(x, logits, report)
@@ -1173,6 +1177,8 @@ class SelfHealer:
 
     def _stage_batch(self, x: torch.Tensor, logits: torch.Tensor, report: DriftReport) -> None:
         if self._stage is None:
+            if not report.read:
+                return
             self._track(logits)
             if not report.drift or self.audit_error is not None:
                 return

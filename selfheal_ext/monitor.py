@@ -17,13 +17,19 @@ window of recent data with a healthy reference fixed by ``calibrate``:
 * **non-finite surge**: batches with more NaN/Inf samples than the reference
   rate allows (binomial tail at the same budget).
 
-The false-alarm budget ``1 / false_alarm_every`` per batch is split 50 % window
-test, 20 % each CUSUM side, 10 % non-finite test.
+The false-alarm budget ``1 / false_alarm_every`` per batch is split 85 % window
+test, 5 % each CUSUM side, 5 % non-finite test.
+
+``read_every=k`` reads one served batch in ``k`` (the taps do nothing on the
+others): the cost of watching falls ``k``-fold, the tests run at the level of
+``false_alarm_every / k`` read batches, so false alarms per *served* batch stay
+at the configured rate, and a drift is seen up to ``k - 1`` batches later.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -85,6 +91,9 @@ class DriftReport:
     window_samples: float
     warming_up: bool
     attribution: Optional[Attribution] = None
+    # False for a batch the monitor did not read (``read_every``): the fields
+    # are those of the last batch read.
+    read: bool = True
 
 
 @dataclass
@@ -138,6 +147,12 @@ class DriftMonitor:
         process_group: a ``torch.distributed`` group; per-batch counts are
             summed over it (``all_reduce``) so every rank decides the same.
         seed: seeds the projection, the reference split and the bootstrap.
+        read_every: read one served batch in this many; the others cost nothing
+            but a check in each tap, and ``update`` returns the last reading with
+            ``read=False``. Thresholds keep ``false_alarm_every`` per *served*
+            batch; detection comes up to ``read_every - 1`` batches later. Set
+            ``read_all`` to read every batch for a while (``SelfHealer`` does
+            while it adapts).
 
     Example::
 
@@ -168,6 +183,7 @@ class DriftMonitor:
         seed: int = 0,
         max_calibration_samples: int = 65_536,
         pooling: Optional[Dict[str, str]] = None,
+        read_every: int = 1,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"selfheal: DriftMonitor watches an nn.Module, got {type(model).__name__}")
@@ -186,6 +202,11 @@ class DriftMonitor:
             raise ValueError(f"selfheal: quantile_range must satisfy 0 <= low < high <= 1, got {quantile_range}")
         if max_features < 1:
             raise ValueError(f"selfheal: max_features must be >= 1, got {max_features}")
+        if isinstance(read_every, bool) or not isinstance(read_every, int) or read_every < 1:
+            raise ValueError(f"selfheal: read_every must be an integer >= 1, got {read_every!r}")
+        if not false_alarm_every / read_every > 1:
+            raise ValueError(f"selfheal: false_alarm_every ({false_alarm_every}) must exceed read_every "
+                             f"({read_every}): the tests run once per {read_every} batches")
         if bootstrap is not None and bootstrap < 200:
             raise ValueError(f"selfheal: bootstrap must be >= 200 windows, got {bootstrap}")
         self.model = model
@@ -205,6 +226,7 @@ class DriftMonitor:
             "cusum_allowance": float(cusum_allowance), "bootstrap": bootstrap, "seed": int(seed),
             "max_calibration_samples": int(max_calibration_samples),
             "pooling": {name: kind for name, kind in sorted(pooling.items()) if kind != "mean"},
+            "read_every": int(read_every),
         }
         self.logits_fn = logits_fn
         self.process_group = process_group
@@ -217,6 +239,12 @@ class DriftMonitor:
         # SelfHealer decides which model calls are served batches).
         self.explicit = False
         self._watching = 0
+        # read_every: batches still to pass unread before the next read;
+        # read_all (set by an owner) reads every batch whatever the count.
+        self._skip_left = 0
+        self.read_all = False
+        self._unread_report: Optional[DriftReport] = None
+        self._unread_of: Optional[DriftReport] = None
         self._projections: Dict[str, Optional[torch.Tensor]] = {}
         self._sketch_plans: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._collected: Dict[str, List[torch.Tensor]] = {}
@@ -255,6 +283,11 @@ class DriftMonitor:
         finally:
             self._watching -= 1
 
+    @property
+    def _reads_between_alarms(self) -> float:
+        """The tests' expected run between false alarms, in batches read."""
+        return self.config["false_alarm_every"] / self.config["read_every"]
+
     def _sketch_plan(self, tap: Tap, width: int):
         """The tap's count-sketch plan ``(bucket, sign, dim)`` on the monitor's
         device, or None when the tap is narrow enough to bin as it is."""
@@ -281,8 +314,8 @@ class DriftMonitor:
 
     def _make_hook(self, tap: Tap):
         def hook(module, args):
-            if self._mode == "off" or self._paused or (
-                    self._mode == "monitor" and self.explicit and not self._watching):
+            if self._mode == "off" or self._paused or (self._mode == "monitor" and (
+                    (self.explicit and not self._watching) or (self._skip_left and not self.read_all))):
                 return None
             value = first_tensor(args)
             if value is None:
@@ -306,18 +339,17 @@ class DriftMonitor:
     def _count(self, name: str, features: torch.Tensor, plan) -> None:
         """Bins one batch of a tap's features (sketched in the same pass when
         the tap is wide) into the batch tables."""
-        features = features.to(self.device)
-        start, stop = self._slices[name]
+        if features.device != self.device:
+            features = features.to(self.device)
+        counts, nonfinite, lo, hi = self._tap_tables[name]
         width = plan[2] if plan is not None else features.shape[1]
-        if width != stop - start:
+        if width != counts.shape[0]:
             raise ValueError(f"selfheal: tap {name!r} saw {features.shape[1]} features, "
-                             f"calibrated with {stop - start}")
-        counts, nonfinite = self._batch_counts[start:stop], self._batch_nonfinite[start:stop]
+                             f"calibrated with {counts.shape[0]}")
         if plan is None:
-            ops.histogram_update_(counts, nonfinite, features, self.lo[start:stop], self.hi[start:stop])
+            ops.histogram_update_(counts, nonfinite, features, lo, hi)
         else:
-            ops.sketch_histogram_update_(counts, nonfinite, features, plan[0], plan[1],
-                                         self.lo[start:stop], self.hi[start:stop])
+            ops.sketch_histogram_update_(counts, nonfinite, features, plan[0], plan[1], lo, hi)
 
     def _logits(self, output) -> torch.Tensor:
         return as_logits(output, self.logits_fn).detach()
@@ -540,7 +572,7 @@ class DriftMonitor:
         """
         config = self.config
         window, bins = config["window"], config["bins"] + 2
-        alpha = _BUDGET_WINDOW / config["false_alarm_every"]
+        alpha = _BUDGET_WINDOW / self._reads_between_alarms
         windows = config["bootstrap"] or int(min(_MAX_BOOTSTRAP, max(2_000, math.ceil(20 / alpha))))
         features = all_bins.shape[1]
         from_b = math.sqrt(part_b.numel() / (part_a.numel() + part_b.numel()))
@@ -592,7 +624,7 @@ class DriftMonitor:
         # threshold is set for that pessimistic offset (a conservative CUSUM).
         allowance = self.config["cusum_allowance"]
         offset = min(math.sqrt(batch / pool), 0.5 * allowance)
-        run_length = self.config["false_alarm_every"] / _BUDGET_CUSUM_SIDE
+        run_length = self._reads_between_alarms / _BUDGET_CUSUM_SIDE
         self.cusum_threshold = max(cusum_threshold(scores + offset - allowance, run_length),
                                    cusum_threshold(-scores + offset - allowance, run_length))
         self.cusum_batch_size = batch
@@ -610,6 +642,10 @@ class DriftMonitor:
         self._batch_ints = torch.zeros(self._int_size, dtype=torch.int64, device=self.device)
         self._batch_counts = self._batch_ints[: features * bins].view(features, bins)
         self._batch_nonfinite = self._batch_ints[features * bins:]
+        # each tap's views of the batch tables and edges, made once
+        self._tap_tables = {name: (self._batch_counts[start:stop], self._batch_nonfinite[start:stop],
+                                   self.lo[start:stop], self.hi[start:stop])
+                            for name, (start, stop) in self._slices.items()}
         window_cls = SlidingWindow if self.config["window_kind"] == "sliding" else ExponentialWindow
         self._window = window_cls(self.config["window"], (self._int_size,), _STATS, self.device)
         # Surprise of each (feature, bin) cell summed per layer: batch counts
@@ -622,6 +658,9 @@ class DriftMonitor:
         self._score_std_list = self._score_std.tolist()
         self.cusum = [0.0, 0.0]
         self.batches_seen = 0
+        self.batches_served = 0
+        self._skip_left = 0
+        self._unread_report = None
         self.alarms = 0
         # The reference in the window's count dtype (int64 sliding, float64
         # exponential), converted once rather than every batch.
@@ -663,6 +702,16 @@ class DriftMonitor:
         ``last_report``) the decision for this batch."""
         if not self.calibrated:
             raise RuntimeError("selfheal: DriftMonitor.update before calibrate(); calibrate on healthy data first")
+        if self._skip_left and not self.read_all:
+            # a batch read_every passes unread: the taps did nothing
+            self._skip_left -= 1
+            self.batches_served += 1
+            last = self.last_report
+            if self._unread_report is None or self._unread_of is not last:
+                # one copy per reading, shared by the unread batches after it
+                self._unread_report = dataclasses.replace(last or self._empty_report(), read=False)
+                self._unread_of = last
+            return self._unread_report
         logits = self._logits(output)
         rows = logits.shape[0]
         try:
@@ -673,6 +722,8 @@ class DriftMonitor:
         if rows == 0 and self.process_group is None:
             self.discard_pending()
             return self._empty_report()
+        self._skip_left = self.config["read_every"] - 1
+        self.batches_served += 1
         # Under a process group an empty batch still joins the all_reduce
         # (the other ranks are in it); the merged batch decides.
         with torch.no_grad():
@@ -778,7 +829,7 @@ class DriftMonitor:
         rate makes rarer than this test's share of the false-alarm budget."""
         limit = self._nonfinite_limit_cache.get(samples)
         if limit is None:
-            alpha = _BUDGET_NONFINITE / self.config["false_alarm_every"]
+            alpha = _BUDGET_NONFINITE / self._reads_between_alarms
             low, high = 1, samples + 1
             while low < high:
                 middle = (low + high) // 2
@@ -828,6 +879,8 @@ class DriftMonitor:
         self.cusum = [0.0, 0.0]
         self.discard_pending()
         self.last_report = None
+        self._skip_left = 0  # the next batch is read
+        self._unread_report = None
 
     # ------------------------------------------------------------------ state
 
@@ -854,6 +907,9 @@ class DriftMonitor:
             "cusum_batch_size": self.cusum_batch_size, "nonfinite_rate": self.nonfinite_rate,
             "window_state": _to_cpu(self._window.state_dict()), "cusum": list(self.cusum),
             "batches_seen": self.batches_seen, "alarms": self.alarms,
+            "batches_served": self.batches_served, "skip_left": self._skip_left,
+            # the reading that unread batches (read_every) report until the next read
+            "last_report": dataclasses.asdict(self.last_report) if self.last_report is not None else None,
         }
 
     def load_state_dict(self, state: Dict) -> None:
@@ -866,6 +922,7 @@ class DriftMonitor:
         config = dict(state["config"])
         config["quantile_range"] = tuple(config["quantile_range"])
         config.setdefault("pooling", {})  # states saved before per-tap pooling existed
+        config.setdefault("read_every", 1)
         if config != self.config:
             differ = sorted(k for k in set(config) | set(self.config) if config.get(k) != self.config.get(k))
             raise ValueError(f"selfheal: state was saved with a different configuration ({', '.join(differ)})")
@@ -919,7 +976,30 @@ class DriftMonitor:
             raise ValueError("selfheal: state has a corrupt 'cusum'")
         self.cusum = cusum
         self.batches_seen, self.alarms = int(state["batches_seen"]), int(state["alarms"])
+        self.batches_served = int(state.get("batches_served", self.batches_seen))
+        skip_left = int(state.get("skip_left", 0))
+        if not 0 <= skip_left < self.config["read_every"]:
+            raise ValueError(f"selfheal: state has a corrupt 'skip_left' ({skip_left})")
+        self._skip_left = skip_left
+        self.last_report = _report_from_state(state.get("last_report"))
         self.calibrated = True
+
+
+def _report_from_state(saved) -> Optional[DriftReport]:
+    if saved is None:
+        return None
+    try:
+        fields = dict(saved)
+        attribution = fields.pop("attribution", None)
+        report = DriftReport(**fields)
+        report.reasons, report.cusum = tuple(report.reasons), tuple(report.cusum)
+        if attribution is not None:
+            report.attribution = Attribution(
+                signals=dict(attribution["signals"]),
+                features={name: [tuple(pair) for pair in pairs] for name, pairs in attribution["features"].items()})
+    except (TypeError, KeyError, ValueError, AttributeError) as error:
+        raise ValueError(f"selfheal: state has a corrupt 'last_report' ({error})") from None
+    return report
 
 
 def as_logits(output, logits_fn: Optional[Callable] = None) -> torch.Tensor:

@@ -260,3 +260,24 @@ def test_batch_of_one_and_bad_arguments(task, source_model):
     with pytest.raises(ValueError, match="process_group"):
         SelfHealer(copy.deepcopy(source_model), mode="deferred", process_group=object())
     assert math.isfinite(healer.adapters.budget_fraction) and healer.adapters.budget_fraction <= 0.05
+
+
+def test_read_every_spares_dormant_serving_and_reads_every_batch_while_active(task, source_model):
+    healer = make_healer(task, source_model, monitor_options=dict(MONITOR, read_every=4, false_alarm_every=800))
+    for _ in range(8):
+        x, _ = task.sample(64)
+        with torch.no_grad():
+            assert torch.equal(healer(x), source_model(x))
+    assert healer.monitor.batches_seen == 2 and not healer.active
+    stream = drift_stream(task, batches=24)
+    read_before = healer.monitor.batches_seen
+    for index, (x, _) in enumerate(stream):
+        healer(x)
+        if healer.active:
+            break
+    assert healer.active and index < 16
+    activated_at = healer.monitor.batches_seen
+    for x, _ in stream[index + 1:index + 6]:
+        healer(x)
+    assert healer.monitor.batches_seen == activated_at + 5 > read_before
+    assert healer.steps > 0

@@ -56,6 +56,23 @@ def test_metrics_scraped_over_loopback_match_the_healer():
     healer(task.sample(64)[0])  # no listener any more: nothing breaks
 
 
+def test_metrics_count_read_batches_once_with_read_every():
+    task = Task()
+    healer = SelfHealer(copy.deepcopy(trained_model(task)),
+                        monitor_options=dict(window=256, false_alarm_every=800, bootstrap=400, read_every=4))
+    healer.calibrate([task.sample(64)[0] for _ in range(24)])
+    metrics = Metrics(healer)
+    for _ in range(10):
+        healer(task.sample(64)[0])
+    values = {metric.name: {sample.name: sample.value for sample in metric.samples}
+              for metric in metrics.registry.collect()}
+    assert values["selfheal_batches"]["selfheal_batches_total"] == 10
+    # batches 1, 5 and 9 were read; the unread ones repeat a reading, counted once
+    assert values["selfheal_batches_read"]["selfheal_batches_read_total"] == 3 == healer.monitor.batches_seen
+    assert values["selfheal_samples"]["selfheal_samples_total"] == 3 * 64
+    healer.remove_listener(metrics)
+
+
 def test_a_failing_listener_is_removed_and_serving_goes_on():
     task = Task()
     healer = SelfHealer(copy.deepcopy(trained_model(task)),

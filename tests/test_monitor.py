@@ -313,3 +313,87 @@ def test_moments_pooling_sees_noise_that_channel_means_miss():
         sh.DriftMonitor(model, pooling={"0": "median"}, **options)
     with pytest.raises(ValueError, match="not a tap"):
         sh.DriftMonitor(model, pooling={"3": "moments"}, **options)
+
+
+def _read(monitor, x):
+    return monitor.update(monitor.model(x))
+
+
+def _fields(report):
+    return (report.batch, report.drift, report.reasons, report.score, report.cusum, report.signals,
+            report.divergence, report.samples, report.window_samples)
+
+
+def test_read_every_reads_one_batch_in_k_at_the_served_false_alarm_rate():
+    # read_every=3 at 300,000 served batches per false alarm runs the tests of
+    # a monitor that reads every batch at 100,000: same thresholds, and on the
+    # batches it reads, the same decisions as that monitor fed only those.
+    sparse, _ = _calibrated(read_every=3, false_alarm_every=300_000)
+    dense, _ = _calibrated(false_alarm_every=100_000)
+    assert (sparse.window_threshold, sparse.cusum_threshold) == (dense.window_threshold, dense.cusum_threshold)
+    stream = _stream(18, 32, seed=21) + _stream(30, 32, seed=22, shift=0.8)
+    # Unread batches are never looked at: drifted and non-finite ones at
+    # unread positions change nothing.
+    stream[1] = stream[1] * 50 + 9
+    stream[2] = torch.full_like(stream[2], float("nan"))
+    reads = 0
+    for index, x in enumerate(stream):
+        report = _read(sparse, x)
+        if index % 3 == 0:
+            assert report.read
+            expected = _read(dense, x)
+            assert _fields(report) == _fields(expected)
+            reads += 1
+        else:
+            assert not report.read
+            assert _fields(report) == _fields(sparse.last_report)
+            assert report.nonfinite_samples == 0
+    assert reads == 16 and sparse.batches_seen == 16 and sparse.batches_served == 48
+    assert sparse.drift_detected and report.drift
+    # the reading unread batches repeat survives a save (attribution included)
+    buffer = io.BytesIO()
+    torch.save(sparse.state_dict(), buffer)
+    buffer.seek(0)
+    restored = sh.DriftMonitor(_mlp(), window=64, false_alarm_every=300_000, bootstrap=2000, read_every=3)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.last_report == sparse.last_report and restored.last_report.attribution.features
+
+
+def test_read_all_reads_every_batch_and_state_keeps_the_phase():
+    monitor, _ = _calibrated(read_every=4, false_alarm_every=400_000)
+    for x in _stream(2, 32, seed=23):
+        _read(monitor, x)
+    assert monitor.batches_seen == 1
+    monitor.read_all = True
+    for x in _stream(3, 32, seed=24):
+        assert _read(monitor, x).read
+    monitor.read_all = False
+    # each read restarts the count: three unread batches follow the last one
+    assert not _read(monitor, _stream(1, 32, seed=25)[0]).read
+    assert not _read(monitor, _stream(1, 32, seed=26)[0]).read
+    assert monitor.batches_seen == 4 and monitor.batches_served == 7
+    restored = sh.DriftMonitor(_mlp(), window=64, false_alarm_every=400_000, bootstrap=2000, read_every=4)
+    buffer = io.BytesIO()
+    torch.save(monitor.state_dict(), buffer)
+    buffer.seek(0)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.last_report == monitor.last_report
+    for x in _stream(9, 32, seed=27, shift=0.5):
+        a, b = _read(monitor, x), _read(restored, x)
+        assert a.read == b.read and _fields(a) == _fields(b)
+    monitor.reset()
+    assert _read(monitor, _stream(1, 32, seed=29)[0]).read  # reset: the next batch is read
+    corrupt = dict(monitor.state_dict(), skip_left=7)
+    with pytest.raises(ValueError, match="skip_left"):
+        restored.load_state_dict(corrupt)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
+def test_read_every_rejects_bad_values(value):
+    with pytest.raises(ValueError, match="read_every"):
+        sh.DriftMonitor(_mlp(), read_every=value)
+
+
+def test_read_every_must_leave_a_false_alarm_budget():
+    with pytest.raises(ValueError, match="must exceed read_every"):
+        sh.DriftMonitor(_mlp(), read_every=100, false_alarm_every=100)
