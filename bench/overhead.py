@@ -2,13 +2,17 @@
 of one served batch with
 
   (a) the plain model,
-  (b) the drift monitor only (``DriftMonitor``),
-  (c) ``SelfHealer`` dormant (monitor + dormant adapters),
+  (b) the drift monitor only (``DriftMonitor``), reading every batch, and
+      (b8) reading one batch in 8 (``read_every=8``),
+  (c) ``SelfHealer`` dormant (monitor + dormant adapters), and (c8) with the
+      monitor reading one batch in 8,
   (d) ``SelfHealer`` healing (adapters active, one adaptation step per batch),
   (e) (d) with the audit log and a rule gate,
 
 all measured in the same run, interleaved round-robin so that the machine's
-drift in speed hits every configuration alike. CPU by default; ``--device
+drift in speed hits every configuration alike. Time per batch is the median,
+over blocks of 8 consecutive batches, of the block's mean (so a once-in-8
+read is charged to the block); p95 is over single batches. CPU by default; ``--device
 cuda`` on a GPU (``bench/gpu_check.sh``).
 
     python bench/overhead.py                  # about 2 minutes on 2 cores
@@ -18,10 +22,8 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import torch
 from torch import nn
@@ -30,6 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import selfheal_ext as sh  # noqa: E402
 from selfheal_ext.demo import CORRUPTIONS, load_digits, load_digits_model  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import interleaved, summary  # noqa: E402
+
+SPARSE = 8  # read_every of the (b8) and (c8) rows, and the block of the summary
 
 
 def mlp():
@@ -90,8 +97,14 @@ def measure(name, batch, device, repeats, quick):
     monitor_model = copy.deepcopy(model)
     monitor = sh.DriftMonitor(monitor_model, **monitor_options)
     monitor.calibrate(calibration)
+    sparse_options = dict(monitor_options, read_every=SPARSE,
+                          false_alarm_every=monitor_options["false_alarm_every"] * SPARSE)
+    sparse_monitor = sh.DriftMonitor(copy.deepcopy(model), **sparse_options)
+    sparse_monitor.calibrate(calibration)
     dormant = sh.SelfHealer(copy.deepcopy(model), monitor_options=monitor_options)
     dormant.calibrate(calibration)
+    sparse_dormant = sh.SelfHealer(copy.deepcopy(model), monitor_options=sparse_options)
+    sparse_dormant.calibrate(calibration)
     healing = sh.SelfHealer(copy.deepcopy(model), monitor_options=monitor_options)
     healing.calibrate(calibration)
     directory = tempfile.mkdtemp(prefix="selfheal-overhead-")
@@ -108,41 +121,39 @@ def measure(name, batch, device, repeats, quick):
         with torch.no_grad():
             return model(x)
 
+    def watched(function):
+        def call(x):
+            with torch.no_grad():
+                return function(x)
+        return call
+
     configurations = {
         "(a) plain model": (plain, clean),
-        "(b) monitor only": (monitor, clean),
+        "(b) monitor only": (watched(monitor), clean),
+        f"(b8) monitor, read_every={SPARSE}": (watched(sparse_monitor), clean),
         "(c) healer dormant": (dormant, clean),
+        f"(c8) healer dormant, read_every={SPARSE}": (sparse_dormant, clean),
         "(d) healer healing": (healing, drifted),
         "(e) healing + audit + rule gate": (governed, drifted),
     }
-    samples = {key: [] for key in configurations}
     steps_before = {"(d) healer healing": healing.steps, "(e) healing + audit + rule gate": governed.steps}
-    for key, (function, pool) in configurations.items():  # warm-up
-        for x in pool[:3]:
-            function(x)
-    for repeat in range(repeats):
-        for key, (function, pool) in configurations.items():
-            x = pool[repeat % len(pool)]
-            synchronize(device)
-            started = time.perf_counter()
-            function(x)
-            synchronize(device)
-            samples[key].append(time.perf_counter() - started)
+    samples = interleaved(configurations, repeats, synchronize=lambda: synchronize(device))
     for key, healer in (("(d) healer healing", healing), ("(e) healing + audit + rule gate", governed)):
         taken = healer.steps - steps_before[key]
         if taken < repeats // 2:
             raise SystemExit(f"{name}: {key} took {taken} adaptation steps in {repeats} timed batches; "
                              "the timing would not include adaptation")
-    if not healing.active or dormant.active:
+    if not healing.active or dormant.active or sparse_dormant.active:
         raise SystemExit(f"{name}: a healer changed state during timing (healing {healing.active}, "
-                         f"dormant {dormant.active})")
+                         f"dormant {dormant.active}, {sparse_dormant.active})")
     governed.audit.close()
-    median = {key: statistics.median(values) for key, values in samples.items()}
-    base = median["(a) plain model"]
+    timed = {key: summary(values, SPARSE) for key, values in samples.items()}
+    base = timed["(a) plain model"]["per_batch"]
     return {"model": name, "batch": batch, "device": str(device), "repeats": repeats,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "rows": [{"configuration": key, "median_ms": 1e3 * value, "ratio": value / base,
-                      "samples_per_s": batch / value} for key, value in median.items()]}
+            "rows": [{"configuration": key, "ms_per_batch": 1e3 * value["per_batch"],
+                      "p95_ms": 1e3 * value["p95"], "ratio": value["per_batch"] / base,
+                      "samples_per_s": batch / value["per_batch"]} for key, value in timed.items()]}
 
 
 def main():
@@ -152,19 +163,20 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
-    repeats = 10 if args.quick else 60
+    repeats = 16 if args.quick else 64
     cases = [("digits-cnn", 64), ("cnn-3x32x32", 256), ("mlp-64-512-512-10", 256)]
     if args.quick:
         cases = cases[:1] + cases[2:]
     results = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}\n")
-    print("| model | batch | configuration | median ms | vs plain | samples/s |\n|---|---|---|---|---|---|")
+    print("| model | batch | configuration | ms per batch | vs plain | p95 ms | samples/s |\n"
+          "|---|---|---|---|---|---|---|")
     for name, batch in cases:
         result = measure(name, batch, device, repeats, args.quick)
         results.append(result)
         for row in result["rows"]:
-            print(f"| {name} | {batch} | {row['configuration']} | {row['median_ms']:.2f} | "
-                  f"{row['ratio']:.2f}x | {row['samples_per_s']:,.0f} |", flush=True)
+            print(f"| {name} | {batch} | {row['configuration']} | {row['ms_per_batch']:.2f} | "
+                  f"{row['ratio']:.2f}x | {row['p95_ms']:.2f} | {row['samples_per_s']:,.0f} |", flush=True)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as handle:

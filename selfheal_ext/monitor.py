@@ -20,10 +20,11 @@ window of recent data with a healthy reference fixed by ``calibrate``:
 The false-alarm budget ``1 / false_alarm_every`` per batch is split 85 % window
 test, 5 % each CUSUM side, 5 % non-finite test.
 
-``read_every=k`` reads one served batch in ``k`` (the taps do nothing on the
-others): the cost of watching falls ``k``-fold, the tests run at the level of
+``read_every=k`` reads one served batch in ``k`` (the taps are detached on
+the others): the cost of watching falls ``k``-fold, the tests run at the level of
 ``false_alarm_every / k`` read batches, so false alarms per *served* batch stay
-at the configured rate, and a drift is seen up to ``k - 1`` batches later.
+at the configured rate. Detection needs about as many *read* batches as
+before, so its delay in served batches grows up to ``k``-fold.
 """
 
 from __future__ import annotations
@@ -147,10 +148,11 @@ class DriftMonitor:
         process_group: a ``torch.distributed`` group; per-batch counts are
             summed over it (``all_reduce``) so every rank decides the same.
         seed: seeds the projection, the reference split and the bootstrap.
-        read_every: read one served batch in this many; the others cost nothing
-            but a check in each tap, and ``update`` returns the last reading with
-            ``read=False``. Thresholds keep ``false_alarm_every`` per *served*
-            batch; detection comes up to ``read_every - 1`` batches later. Set
+        read_every: read one served batch in this many; on the others the
+            model runs with the taps' hooks detached, and ``update`` returns
+            the last reading with ``read=False``. Thresholds keep ``false_alarm_every`` per *served*
+            batch; detection needs about as many read batches as before, so
+            its delay in served batches grows up to ``read_every``-fold. Set
             ``read_all`` to read every batch for a while (``SelfHealer`` does
             while it adapts).
 
@@ -242,14 +244,17 @@ class DriftMonitor:
         # read_every: batches still to pass unread before the next read;
         # read_all (set by an owner) reads every batch whatever the count.
         self._skip_left = 0
-        self.read_all = False
+        self._read_all = False
+        self._removed = False
         self._unread_report: Optional[DriftReport] = None
         self._unread_of: Optional[DriftReport] = None
         self._projections: Dict[str, Optional[torch.Tensor]] = {}
         self._sketch_plans: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._collected: Dict[str, List[torch.Tensor]] = {}
         self._rows_seen: Dict[str, int] = {}
-        self._handles = [tap.module.register_forward_pre_hook(self._make_hook(tap)) for tap in self.taps]
+        self._hooks = [(tap.module, self._make_hook(tap)) for tap in self.taps]
+        self._handles = []
+        self._sync_hooks()
 
     # ------------------------------------------------------------------ hooks
 
@@ -259,9 +264,32 @@ class DriftMonitor:
 
     def remove(self) -> None:
         """Detaches the monitor from the model (removes its hooks)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._removed = True
+        self._sync_hooks()
+
+    @property
+    def read_all(self) -> bool:
+        """When True every batch is read whatever ``read_every`` says."""
+        return self._read_all
+
+    @read_all.setter
+    def read_all(self, value: bool) -> None:
+        self._read_all = bool(value)
+        self._sync_hooks()
+
+    def _sync_hooks(self) -> None:
+        """Hooks are attached only while the next batch is to be read: on the
+        unread batches of ``read_every`` the model runs without them (a
+        module with any hook leaves PyTorch's fast call path, about 20 µs a
+        module here). They are prepended, so they always see a module's input
+        before other pre-hooks, however often they were re-attached."""
+        want = not self._removed and not (self._skip_left and not self._read_all)
+        if want and not self._handles:
+            self._handles = [module.register_forward_pre_hook(hook, prepend=True) for module, hook in self._hooks]
+        elif not want and self._handles:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
 
     @contextlib.contextmanager
     def paused(self):
@@ -315,7 +343,7 @@ class DriftMonitor:
     def _make_hook(self, tap: Tap):
         def hook(module, args):
             if self._mode == "off" or self._paused or (self._mode == "monitor" and (
-                    (self.explicit and not self._watching) or (self._skip_left and not self.read_all))):
+                    (self.explicit and not self._watching) or (self._skip_left and not self._read_all))):
                 return None
             value = first_tensor(args)
             if value is None:
@@ -392,6 +420,8 @@ class DriftMonitor:
         config = self.config
         generator = torch.Generator().manual_seed(config["seed"] + 7919)
         self.calibrated = False
+        self._skip_left = 0
+        self._sync_hooks()  # collecting needs the taps
         self._projections = {}
         self._sketch_plans = {}
         self._collected = {}
@@ -661,6 +691,7 @@ class DriftMonitor:
         self.batches_served = 0
         self._skip_left = 0
         self._unread_report = None
+        self._sync_hooks()
         self.alarms = 0
         # The reference in the window's count dtype (int64 sliding, float64
         # exponential), converted once rather than every batch.
@@ -702,9 +733,11 @@ class DriftMonitor:
         ``last_report``) the decision for this batch."""
         if not self.calibrated:
             raise RuntimeError("selfheal: DriftMonitor.update before calibrate(); calibrate on healthy data first")
-        if self._skip_left and not self.read_all:
-            # a batch read_every passes unread: the taps did nothing
+        if self._skip_left and not self._read_all:
+            # a batch read_every passes unread: the taps were not attached
             self._skip_left -= 1
+            if not self._skip_left:
+                self._sync_hooks()  # the next batch is read
             self.batches_served += 1
             last = self.last_report
             if self._unread_report is None or self._unread_of is not last:
@@ -724,6 +757,7 @@ class DriftMonitor:
             return self._empty_report()
         self._skip_left = self.config["read_every"] - 1
         self.batches_served += 1
+        self._sync_hooks()
         # Under a process group an empty batch still joins the all_reduce
         # (the other ranks are in it); the merged batch decides.
         with torch.no_grad():
@@ -881,6 +915,7 @@ class DriftMonitor:
         self.last_report = None
         self._skip_left = 0  # the next batch is read
         self._unread_report = None
+        self._sync_hooks()
 
     # ------------------------------------------------------------------ state
 
@@ -981,6 +1016,7 @@ class DriftMonitor:
         if not 0 <= skip_left < self.config["read_every"]:
             raise ValueError(f"selfheal: state has a corrupt 'skip_left' ({skip_left})")
         self._skip_left = skip_left
+        self._sync_hooks()
         self.last_report = _report_from_state(state.get("last_report"))
         self.calibrated = True
 

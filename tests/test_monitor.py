@@ -397,3 +397,30 @@ def test_read_every_rejects_bad_values(value):
 def test_read_every_must_leave_a_false_alarm_budget():
     with pytest.raises(ValueError, match="must exceed read_every"):
         sh.DriftMonitor(_mlp(), read_every=100, false_alarm_every=100)
+
+
+def test_unread_batches_run_the_model_without_hooks_and_taps_come_first():
+    model = _mlp()
+    monitor, _ = _calibrated(model, read_every=3, false_alarm_every=300_000)
+    tapped = [tap.module for tap in monitor.taps]
+    # a user's pre-hook on a tapped module, registered after the monitor: the
+    # monitor's hook still runs first on every read batch (it is prepended
+    # each time it is re-attached), so it sees the module's input as called
+    order = []
+    model.get_submodule("2").register_forward_pre_hook(
+        lambda module, args: order.append(monitor._rows_seen.get("2", 0)))
+    attached = []
+    with torch.no_grad():
+        for index, x in enumerate(_stream(7, 32, seed=31)):
+            attached.append(all(len(module._forward_pre_hooks) > 0 for module in tapped if module is not
+                                model.get_submodule("2")))
+            report = monitor.update(model(x))
+            assert report.read == (index % 3 == 0)
+    assert attached == [True, False, False, True, False, False, True]
+    assert order == [32, 0, 0, 32, 0, 0, 32]
+    monitor.read_all = True
+    assert all(len(module._forward_pre_hooks) > 0 for module in tapped)
+    monitor.read_all = False
+    monitor.remove()
+    monitor.reset()
+    assert not any(len(m._forward_pre_hooks) for m in tapped if m is not model.get_submodule("2"))
