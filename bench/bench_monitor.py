@@ -93,9 +93,11 @@ def detection(args):
     rows = []
     source = Source(0)
     model = small_mlp()
+    sparse_model = copy.deepcopy(model)  # copied before any monitor hooks it
     monitor, calibration, _ = make_monitor(model, source, args, args.ert)
-    # the same detector reading one served batch in 4 (delays in served batches)
-    sparse, _, _ = make_monitor(copy.deepcopy(model), Source(0), args, args.ert, read_every=SPARSE_READ_EVERY)
+    # the same detector reading one served batch in 4 (delays in served batches;
+    # the onset falls on a read batch)
+    sparse, _, _ = make_monitor(sparse_model, Source(0), args, args.ert, read_every=SPARSE_READ_EVERY)
     monitors = {"selfheal DriftMonitor": monitor, f"selfheal DriftMonitor (read_every={SPARSE_READ_EVERY})": sparse}
     reference = torch.cat([source.sample(args.batch) for _ in range(args.window // args.batch + 1)])
     for kind, strengths in SHIFTS.items():

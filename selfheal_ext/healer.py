@@ -230,6 +230,7 @@ class SelfHealer:
         self.audit_error: Optional[str] = None
         self.logits_fn = logits_fn
         self.process_group = process_group
+        self.batch_samples = 0  # samples in the last served batch (metrics)
         self.adapters: AdapterSet = attach_adapters(model, budget=budget, targets=adapter_targets,
                                                     kinds=adapter_kinds, max_rank=max_rank, seed=seed)
         options = dict(monitor_options or {})
@@ -242,6 +243,12 @@ class SelfHealer:
         options.setdefault("process_group", process_group)
         options.setdefault("seed", seed)
         self.monitor = DriftMonitor(model, **options)
+        if self.monitor.config["read_every"] > 1 and self.monitor.process_group is not None:
+            # the healer reads every batch while adapting or suspended, and a
+            # suspension (an audit write failure) can be one rank's alone: the
+            # ranks' all_reduce calls would no longer pair up
+            raise ValueError("selfheal: SelfHealer cannot combine monitor_options read_every > 1 with a "
+                             "process_group; use read_every=1 on several processes")
         self.monitor.explicit = True  # only the healer's served forward is counted
         self._source_state = self._adapter_state()
         self._input_taps: List[str] = []
@@ -502,6 +509,7 @@ class SelfHealer:
         """The served forward pass (counted by the monitor) and its decision:
         ``(output, detached logits, report)``; marks the phase times."""
         started = time.perf_counter()
+        self.batch_samples = int(x.shape[0]) if x.dim() else 1  # samples in the batch being served
         with torch.no_grad(), self.monitor.watching():
             output = self.model(x)
         served = time.perf_counter()
@@ -542,7 +550,10 @@ class SelfHealer:
         self.drift = report
         self.batches += 1
         every = self.config["audit_every"]
-        if every and self.audit is not None and self.audit_error is None and self.batches % every == 0:
+        # every `audit_every` readings (with read_every, unread batches repeat
+        # the last reading and are not recorded again)
+        if every and report.read and self.audit is not None and self.audit_error is None \
+                and self.monitor.batches_seen % every == 0:
             self._audit_monitor(report)
         if report.drift and not (previous is not None and previous.drift):
             attribution = report.attribution
@@ -1728,6 +1739,9 @@ class SelfHealer:
                                  f"(missing {sorted(expected - set(state['adapters']))}, "
                                  f"unexpected {sorted(set(state['adapters']) - expected)})")
             self.monitor.load_state_dict(state["monitor"])
+            # the reading unread batches repeat (read_every): a drift that was
+            # already on when saved is not a new onset
+            self.drift = self.monitor.last_report
             self.adapters.load_state_dict(state["adapters"])
             self.adapters.active = bool(state["active"])
             self.learning_rate = float(state["learning_rate"])

@@ -7,7 +7,7 @@
 Exposed (prefix ``selfheal_``): ``drift_score``, ``drift_threshold``,
 ``drift_alarm`` (0/1), ``cusum_up``, ``estimated_accuracy`` (window, label-free),
 ``entropy_mean``, ``adapters_active``, ``adapter_version``,
-``batches_total``, ``batches_read_total``, ``samples_total``, ``alarms_total``, ``adaptation_steps_total``,
+``batches_total``, ``batches_read_total``, ``samples_total``, ``samples_read_total``, ``alarms_total``, ``adaptation_steps_total``,
 ``rollbacks_total``, ``guard_trips_total``, ``rule_violations_total``,
 ``events_total{kind}``, and ``batch_seconds{phase}`` (histogram of the time a
 served batch spends in the model forward with taps and adapters, in the
@@ -48,7 +48,8 @@ class Metrics:
         self.adapter_version = gauge("adapter_version", "Adapter version being served (0: the source model)")
         self.batches = counter("batches", "Batches served")
         self.batches_read = counter("batches_read", "Batches the monitor read (all of them unless read_every > 1)")
-        self.samples = counter("samples", "Samples the monitor read (all served samples unless read_every > 1)")
+        self.samples = counter("samples", "Samples served")
+        self.samples_read = counter("samples_read", "Samples the monitor read (all of them unless read_every > 1)")
         self.alarms = counter("alarms", "Read batches that raised a drift alarm")
         self.counted = {name: counter(name, f"{name.replace('_', ' ').capitalize()}") for name in _COUNTED.values()}
         self.events = counter("events", "Healer events by kind", ("kind",))
@@ -77,9 +78,10 @@ class Metrics:
                 self.estimated_accuracy.set(report.accuracy_estimate)
                 self.entropy_mean.set(report.entropy_mean)
                 self.batches.inc()
-                if report.read:  # an unread batch repeats the last reading: counted once
+                self.samples.inc(getattr(healer, "batch_samples", report.samples))
+                if report.read and report.samples:  # an unread batch repeats the last reading: counted once
                     self.batches_read.inc()
-                    self.samples.inc(report.samples)
+                    self.samples_read.inc(report.samples)
                     if report.drift:
                         self.alarms.inc()
             self.adapters_active.set(1.0 if healer.active else 0.0)

@@ -154,7 +154,10 @@ class DriftMonitor:
             batch; detection needs about as many read batches as before, so
             its delay in served batches grows up to ``read_every``-fold. Set
             ``read_all`` to read every batch for a while (``SelfHealer`` does
-            while it adapts).
+            while it adapts); the tests keep their per-read level then, so
+            false alarms per served batch are up to ``read_every`` times the
+            configured rate while it is on. Under a process group every rank
+            must set it alike.
 
     Example::
 
@@ -733,6 +736,8 @@ class DriftMonitor:
         ``last_report``) the decision for this batch."""
         if not self.calibrated:
             raise RuntimeError("selfheal: DriftMonitor.update before calibrate(); calibrate on healthy data first")
+        if self._removed:
+            raise RuntimeError("selfheal: this DriftMonitor was removed from its model (remove()); it reads nothing")
         if self._skip_left and not self._read_all:
             # a batch read_every passes unread: the taps were not attached
             self._skip_left -= 1
@@ -927,7 +932,9 @@ class DriftMonitor:
             raise RuntimeError("selfheal: an uncalibrated DriftMonitor has no state to save")
         return {
             "format_version": _FORMAT_VERSION,
-            "config": dict(self.config), "taps": self.tap_names,
+            # read_every=1 is left out, so the state loads where the option does not exist
+            "config": {k: v for k, v in self.config.items() if k != "read_every" or v != 1},
+            "taps": self.tap_names,
             "projections": {n: (p.cpu() if p is not None else None) for n, p in self._projections.items()},
             "slices": dict(self._slices), "lo": self.lo.cpu(), "hi": self.hi.cpu(),
             "reference_counts": self.reference_counts.cpu(),
@@ -1018,6 +1025,12 @@ class DriftMonitor:
         self._skip_left = skip_left
         self._sync_hooks()
         self.last_report = _report_from_state(state.get("last_report"))
+        if self.last_report is not None:
+            # the window's divergences the last reading used (for attribution())
+            totals = self._window.totals()[0]
+            features, bins = self.reference_counts.shape
+            self._window_divergence = self._divergence(totals[: features * bins].view(features, bins),
+                                                       self._window_reference)
         self.calibrated = True
 
 

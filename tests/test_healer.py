@@ -264,20 +264,31 @@ def test_batch_of_one_and_bad_arguments(task, source_model):
 
 def test_read_every_spares_dormant_serving_and_reads_every_batch_while_active(task, source_model):
     healer = make_healer(task, source_model, monitor_options=dict(MONITOR, read_every=4, false_alarm_every=800))
+    tracked = []
+    track = healer._track
+    healer._track = lambda logits: (tracked.append(healer.batches), track(logits))
     for _ in range(8):
         x, _ = task.sample(64)
         with torch.no_grad():
             assert torch.equal(healer(x), source_model(x))
     assert healer.monitor.batches_seen == 2 and not healer.active
+    assert tracked == [1, 5]  # the class mix is tracked on read batches only
     stream = drift_stream(task, batches=24)
     read_before = healer.monitor.batches_seen
     for index, (x, _) in enumerate(stream):
         healer(x)
         if healer.active:
             break
-    assert healer.active and index < 16
+    # activation comes on a read batch (batches 1, 5, 9, ... of the healer)
+    assert healer.active and index < 16 and healer.drift.read and healer.batches % 4 == 1
     activated_at = healer.monitor.batches_seen
     for x, _ in stream[index + 1:index + 6]:
         healer(x)
     assert healer.monitor.batches_seen == activated_at + 5 > read_before
     assert healer.steps > 0
+
+
+def test_read_every_with_a_process_group_is_refused(task, source_model):
+    with pytest.raises(ValueError, match="read_every > 1 with a process_group"):
+        SelfHealer(copy.deepcopy(source_model), process_group=object(),
+                   monitor_options=dict(MONITOR, read_every=2, false_alarm_every=400))

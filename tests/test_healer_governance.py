@@ -36,6 +36,19 @@ def _healer(setting, **options):
     return healer
 
 
+def test_monitor_records_with_read_every_hold_fresh_readings_only(setting, tmp_path):
+    _, _, _, clean = setting
+    healer = _healer(setting, audit=tmp_path / "audit.db", audit_every=2,
+                     monitor_options=dict(MONITOR, read_every=2, false_alarm_every=400))
+    for x, _ in clean[:12]:
+        healer(x)
+    assert healer.monitor.batches_seen == 6 and not healer.active
+    records = AuditLog(tmp_path / "audit.db", readonly=True).records(kinds=["monitor"])
+    # every second reading, each a reading of its own batch (served batches 3, 7, 11)
+    assert [r.batch for r in records] == [3, 7, 11]
+    assert all(r.payload["read"] for r in records)
+
+
 def test_every_event_is_an_audit_record_with_an_intact_chain(setting, tmp_path):
     _, _, stream, clean = setting
     healer = _healer(setting, audit=tmp_path / "audit.db")

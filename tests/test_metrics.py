@@ -69,7 +69,8 @@ def test_metrics_count_read_batches_once_with_read_every():
     assert values["selfheal_batches"]["selfheal_batches_total"] == 10
     # batches 1, 5 and 9 were read; the unread ones repeat a reading, counted once
     assert values["selfheal_batches_read"]["selfheal_batches_read_total"] == 3 == healer.monitor.batches_seen
-    assert values["selfheal_samples"]["selfheal_samples_total"] == 3 * 64
+    assert values["selfheal_samples_read"]["selfheal_samples_read_total"] == 3 * 64
+    assert values["selfheal_samples"]["selfheal_samples_total"] == 10 * 64
     healer.remove_listener(metrics)
 
 

@@ -357,6 +357,10 @@ def test_read_every_reads_one_batch_in_k_at_the_served_false_alarm_rate():
     restored = sh.DriftMonitor(_mlp(), window=64, false_alarm_every=300_000, bootstrap=2000, read_every=3)
     restored.load_state_dict(torch.load(buffer, weights_only=True))
     assert restored.last_report == sparse.last_report and restored.last_report.attribution.features
+    assert restored.attribution() == sparse.attribution()  # the window's divergences are rebuilt
+    sparse.remove()
+    with pytest.raises(RuntimeError, match="removed"):
+        sparse.update(torch.zeros(32, 4))
 
 
 def test_read_all_reads_every_batch_and_state_keeps_the_phase():
@@ -392,6 +396,17 @@ def test_read_all_reads_every_batch_and_state_keeps_the_phase():
 def test_read_every_rejects_bad_values(value):
     with pytest.raises(ValueError, match="read_every"):
         sh.DriftMonitor(_mlp(), read_every=value)
+
+
+def test_read_every_of_one_is_left_out_of_the_saved_configuration():
+    monitor, _ = _calibrated()
+    state = monitor.state_dict()
+    assert "read_every" not in state["config"]
+    fresh = sh.DriftMonitor(_mlp(), window=64, false_alarm_every=100_000, bootstrap=2000)
+    fresh.load_state_dict(state)
+    with pytest.raises(ValueError, match="different configuration"):
+        sh.DriftMonitor(_mlp(), window=64, false_alarm_every=100_000, bootstrap=2000,
+                        read_every=2).load_state_dict(state)
 
 
 def test_read_every_must_leave_a_false_alarm_budget():
