@@ -7,7 +7,9 @@
 Exposed (prefix ``selfheal_``): ``drift_score``, ``drift_threshold``,
 ``drift_alarm`` (0/1), ``cusum_up``, ``estimated_accuracy`` (window, label-free),
 ``entropy_mean``, ``adapters_active``, ``adapter_version``,
-``batches_total``, ``batches_read_total``, ``samples_total``, ``samples_read_total``, ``alarms_total``, ``adaptation_steps_total``,
+``batches_total``, ``batches_read_total``, ``samples_total`` (served by this
+process), ``samples_read_total`` (read by the monitor; with a process group,
+summed over the ranks), ``alarms_total``, ``adaptation_steps_total``,
 ``rollbacks_total``, ``guard_trips_total``, ``rule_violations_total``,
 ``events_total{kind}``, and ``batch_seconds{phase}`` (histogram of the time a
 served batch spends in the model forward with taps and adapters, in the
@@ -48,7 +50,7 @@ class Metrics:
         self.adapter_version = gauge("adapter_version", "Adapter version being served (0: the source model)")
         self.batches = counter("batches", "Batches served")
         self.batches_read = counter("batches_read", "Batches the monitor read (all of them unless read_every > 1)")
-        self.samples = counter("samples", "Samples served")
+        self.samples = counter("samples", "Samples served by this process")
         self.samples_read = counter("samples_read", "Samples the monitor read (all of them unless read_every > 1)")
         self.alarms = counter("alarms", "Read batches that raised a drift alarm")
         self.counted = {name: counter(name, f"{name.replace('_', ' ').capitalize()}") for name in _COUNTED.values()}
