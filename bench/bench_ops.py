@@ -179,8 +179,9 @@ def build_softmax_entropy(device, rows, classes, dtype):
     )
 
 
-def build_histogram(device, rows, features, bins):
-    x = torch.randn(rows, features, device=device)
+def build_histogram(device, rows, features, bins, scale=1.0):
+    # scale 3: a drifted stream, about a quarter of the values outside [lo, hi)
+    x = torch.randn(rows, features, device=device) * scale
     # A sprinkle of NaN and inf so the check also covers the nonfinite counts.
     x.view(-1)[::997] = float("nan")
     x.view(-1)[::1009] = float("inf")
@@ -274,6 +275,11 @@ def case_table(device: torch.device, quick: bool) -> list:
         f"histogram_update_ x{shape_text((rows(8192), 512))} {HISTOGRAM_BINS} bins",
         ("histogram_update_",),
         partial(build_histogram, rows=rows(8192), features=512, bins=HISTOGRAM_BINS),
+    ))
+    cases.append(Case(
+        f"histogram_update_ x{shape_text((rows(8192), 512))} {HISTOGRAM_BINS} bins, x3 (a quarter out of range)",
+        ("histogram_update_",),
+        partial(build_histogram, rows=rows(8192), features=512, bins=HISTOGRAM_BINS, scale=3.0),
     ))
 
     for name in ("kl_divergence", "js_divergence"):
