@@ -131,6 +131,27 @@ def build_config_text():
     )
 
 
+def check_shared_libstdcxx(path):
+    """Refuses an extension that carries its own static copy of libstdc++.
+
+    Some images point CXX at a compiler that links libstdc++ statically. The
+    extension then holds a second libstdc++ beside the shared one that torch
+    loads; the dynamic linker binds part of it to torch's copy, and the first
+    std::ostream use (building any error message) crashes. A shared libstdc++
+    in the extension's NEEDED list rules that out.
+    """
+    readelf = shutil.which("readelf")
+    if not sys.platform.startswith("linux") or readelf is None:
+        return
+    out = subprocess.run([readelf, "-d", path], capture_output=True, text=True).stdout
+    if "libstdc++" not in out:
+        sys.exit(
+            f"selfheal_ext: {os.path.basename(path)} was linked with a static libstdc++ "
+            f"(CXX={os.environ.get('CXX', 'c++')}), which crashes beside torch's shared one; "
+            "rebuild with a compiler that links it dynamically, e.g. CC=gcc CXX=g++"
+        )
+
+
 class BuildWithConfig(BuildExtension):
     """Builds the extension and records what it was built against."""
 
@@ -138,6 +159,8 @@ class BuildWithConfig(BuildExtension):
         # Recorded only once the build succeeded: a failed rebuild must not
         # make a stale _C look as if it matched the new torch.
         super().run()
+        for ext in self.extensions:
+            check_shared_libstdcxx(self.get_ext_fullpath(ext.name))
         text = build_config_text()
         targets = [os.path.join(HERE, "selfheal_ext", "_build_config.py")]
         if not self.inplace:

@@ -140,9 +140,21 @@ run_step torch-info torch_info.txt 90 0 python -c "$TORCH_INFO" || true
 # Informational: a missing tool shows up in the log, and in the build if it matters.
 run_step toolchain toolchain.txt 60 0 bash -c "$TOOLCHAIN_INFO" || true
 
+# The system compiler pair, when there is one: an image may point CXX at a
+# compiler that links libstdc++ statically, and such an extension crashes beside
+# torch's shared libstdc++ (setup.py refuses it). GPU_CHECK_CC/CXX override.
+BUILD_CC=${GPU_CHECK_CC:-$(command -v /usr/bin/gcc || command -v gcc || true)}
+BUILD_CXX=${GPU_CHECK_CXX:-$(command -v /usr/bin/g++ || command -v g++ || true)}
+compilers=()
+if [[ -n $BUILD_CC && -n $BUILD_CXX ]]; then compilers=(CC="$BUILD_CC" CXX="$BUILD_CXX"); fi
+echo "build compilers: ${compilers[*]:-as the environment has them (CC=${CC:-} CXX=${CXX:-})}"
+# pytest-xdist, when present, spreads the CUDA tests over several processes.
+XDIST=()
+if python -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
+
 built=false
 if run_step build build.log "$(step_limit 360 180)" 0 \
-    env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 bash -c build_extension; then
+    env "${compilers[@]}" FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 bash -c build_extension; then
   built=true
 fi
 
@@ -150,7 +162,7 @@ if $built; then
   run_step build-info build_info.txt 60 0 python -c "$BUILD_INFO" || true
   # Exit code 5 is pytest's "no tests collected": no CUDA tests yet is not a failure.
   run_step tests-cuda tests_cuda.log "$(step_limit 120 200)" "0 5" \
-    python -m pytest tests -q -k cuda --maxfail=30 -p no:cacheprovider || true
+    python -m pytest tests -q -k cuda "${XDIST[@]}" --maxfail=30 -p no:cacheprovider || true
   run_step bench bench_cuda.txt "$(step_limit 600 80)" 0 \
     python bench/bench_ops.py --device cuda --out "$OUTDIR/ops_cuda.json" || true
   run_step overhead overhead_cuda.txt "$(step_limit 120 30)" 0 \
