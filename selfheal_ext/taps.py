@@ -163,8 +163,8 @@ def random_projection(features: int, dim: int, seed: int) -> torch.Tensor:
 
 def sketch_plan(projection: torch.Tensor):
     """``(bucket, sign)`` of a count-sketch projection, for ``apply_sketch``."""
-    nonzero = projection != 0
-    if not torch.equal(nonzero.sum(dim=1), torch.ones(projection.shape[0], dtype=torch.long)):
+    # Compared on the projection's own device: a CUDA monitor plans there.
+    if bool(((projection != 0).sum(dim=1) != 1).any()):
         raise ValueError("selfheal: a tap projection must have exactly one non-zero per input feature")
     return projection.abs().argmax(dim=1), projection.sum(dim=1), projection.shape[1]
 

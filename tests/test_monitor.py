@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import selfheal_ext as sh
+from conftest import DEVICES
 
 
 def _mlp(seed=0, outputs=4):
@@ -266,12 +267,13 @@ def test_count_sketch_equals_the_dense_projection(features, dim):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("window_kind", ["sliding", "exponential"])
-def test_monitor_on_cuda_matches_cpu(window_kind):
-    cpu_monitor, _ = _calibrated(window_kind=window_kind)
+@pytest.mark.parametrize("window_kind,max_features", [("sliding", 64), ("exponential", 64), ("sliding", 16)])
+def test_monitor_on_cuda_matches_cpu(window_kind, max_features):
+    # max_features 16 sketches the 32-wide taps (count sketch planned on the GPU).
+    cpu_monitor, _ = _calibrated(window_kind=window_kind, max_features=max_features)
     cuda_model = _mlp().cuda()
     cuda_monitor = sh.DriftMonitor(cuda_model, window=64, false_alarm_every=100_000, bootstrap=2000,
-                                   window_kind=window_kind)
+                                   window_kind=window_kind, max_features=max_features)
     cuda_monitor.load_state_dict(cpu_monitor.state_dict())
     for x in _stream(6, 32, seed=13) + _stream(4, 32, seed=14, shift=1.0):
         a = cpu_monitor(x)
@@ -283,6 +285,30 @@ def test_monitor_on_cuda_matches_cpu(window_kind):
     # Model outputs differ in rounding between devices, so a value on a bin
     # edge may move; every value is still binned exactly once.
     assert cpu_monitor._window.totals()[0].sum().item() == cuda_monitor._window.totals()[0].cpu().sum().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_monitor_calibrates_and_serves_on_its_device_with_sketched_taps(device):
+    # The whole life on one device: calibrate, read, state round trip, with
+    # every tap wider than max_features (on CUDA, bench/overhead.py found the
+    # sketch planning comparing against a CPU tensor).
+    def monitor_on(device):
+        return sh.DriftMonitor(_mlp().to(device), window=64, false_alarm_every=100_000, bootstrap=2000,
+                               max_features=8)
+    monitor = monitor_on(device)
+    monitor.calibrate([x.to(device) for x in _stream(40, 32, seed=1)])
+    for x in _stream(3, 32, seed=2):
+        monitor(x.to(device))
+        assert not monitor.last_report.drift
+    for x in _stream(6, 32, seed=3, shift=2.0):
+        monitor(x.to(device))
+    assert monitor.last_report.drift
+    restored = monitor_on(device)
+    restored.load_state_dict(monitor.state_dict())
+    x = _stream(1, 32, seed=4, shift=2.0)[0].to(device)
+    monitor(x)
+    restored(x)
+    assert restored.last_report.score == pytest.approx(monitor.last_report.score, rel=1e-6)
 
 
 def test_moments_pooling_sees_noise_that_channel_means_miss():
