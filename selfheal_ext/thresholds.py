@@ -34,9 +34,19 @@ def _tail_fit_quantile(ordered: torch.Tensor, alpha: float) -> float:
     skip = 5
     rank = torch.arange(skip, top, dtype=torch.float64)
     log_survival = torch.log((rank + 0.5) / n)
-    values = ordered[skip:top]
-    design = torch.stack([torch.ones_like(values), values], dim=1)
-    intercept, slope = torch.linalg.lstsq(design, log_survival.unsqueeze(1)).solution.squeeze(1).tolist()
+    values = ordered[skip:top].double().tolist()
+    targets = log_survival.tolist()
+    # The least-squares line in closed form with exactly rounded sums: the same
+    # threshold from the same sample on any machine and thread count (LAPACK's
+    # lstsq moved the last bit between two calls in one process on a 16-core
+    # host).
+    count = len(values)
+    mean_x, mean_y = math.fsum(values) / count, math.fsum(targets) / count
+    spread = math.fsum((v - mean_x) ** 2 for v in values)
+    if not spread > 0.0:
+        return float(ordered[0])
+    slope = math.fsum((v - mean_x) * (t - mean_y) for v, t in zip(values, targets)) / spread
+    intercept = mean_y - slope * mean_x
     if not slope < 0.0:
         return float(ordered[0])
     return (math.log(alpha) - intercept) / slope

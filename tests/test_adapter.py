@@ -143,20 +143,27 @@ def test_adapter_empty_batch(device, channels_first):
         assert torch.count_nonzero(grad) == 0
 
 
-def test_adapter_weight_grads_are_deterministic_across_thread_counts():
+def test_adapter_weight_grads_are_deterministic_at_each_thread_count():
+    # Chunk partials are fixed and added in order, so a rerun at the same thread
+    # count is bit-identical. Across thread counts the BLAS under the chunk
+    # products may block its sums differently (on a 16-core host MKL moved the
+    # last bits of down_weight between 1 and 16 threads), so there they agree
+    # to rounding only.
     x, args = make_args((3000, 64), False, 8, torch.float32, "cpu")
     threads = torch.get_num_threads()
+    runs = {}
     try:
-        torch.set_num_threads(1)
-        _, one = run_with_grads(ops.adapter, x, args)
-        torch.set_num_threads(max(2, threads))
-        _, many = run_with_grads(ops.adapter, x, args)
-        _, again = run_with_grads(ops.adapter, x, args)
+        for count in (1, max(2, threads)):
+            torch.set_num_threads(count)
+            runs[count] = [run_with_grads(ops.adapter, x, args)[1] for _ in range(2)]
     finally:
         torch.set_num_threads(threads)
+    one, many = runs[1][0], runs[max(2, threads)][0]
+    for count, (first, again) in runs.items():
+        for name in first:
+            assert torch.equal(first[name], again[name]), (count, name)
     for name in one:
-        assert torch.equal(one[name], many[name]), name
-        assert torch.equal(many[name], again[name]), name
+        torch.testing.assert_close(many[name], one[name], rtol=1e-5, atol=1e-5)
 
 
 def _raw_forward(x, args, activation="gelu", channels_first=False, base=None):

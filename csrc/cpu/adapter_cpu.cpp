@@ -9,8 +9,10 @@
 // the whole epilogue is then one accumulate-into-y product and no tile-sized
 // temporary is made. The same ones column gives the shift gradient for free in
 // the backward. Weight gradients are summed per fixed chunk of tiles and the
-// chunk partials added in chunk order, so results do not depend on the thread
-// count or on scheduling.
+// chunk partials added in chunk order, so results do not depend on scheduling:
+// a rerun at the same thread count is bit-identical. (The BLAS under each
+// chunk's products may block its sums by its own thread setting, so across
+// thread counts they agree to rounding only.)
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
