@@ -141,10 +141,10 @@ def check_shared_libstdcxx(path):
     in the extension's NEEDED list rules that out.
     """
     readelf = shutil.which("readelf")
-    if not sys.platform.startswith("linux") or readelf is None:
+    if not sys.platform.startswith("linux") or readelf is None or not os.path.isfile(path):
         return
-    out = subprocess.run([readelf, "-d", path], capture_output=True, text=True).stdout
-    if "libstdc++" not in out:
+    result = subprocess.run([readelf, "-d", path], capture_output=True, text=True)
+    if result.returncode == 0 and "libstdc++" not in result.stdout:
         sys.exit(
             f"selfheal_ext: {os.path.basename(path)} was linked with a static libstdc++ "
             f"(CXX={os.environ.get('CXX', 'c++')}), which crashes beside torch's shared one; "
