@@ -110,18 +110,22 @@ class NormStatsAdapter(nn.Module):
     samples (batch size 1) use the ``running`` statistics of the recent
     stream instead (moments of a mixture over about ``running_horizon``
     samples), and so does robust mode, set by the healer when the batches hold
-    classes in runs (label-ordered streams) — then without updating them, as
-    those batches would poison them.
+    classes in runs (label-ordered streams). Robust mode updates them slowly,
+    over about ``robust_horizon`` samples (RoTTA's robust BN: a window long
+    enough to span many runs), so a run of one class moves them little while a
+    drift that persists is still followed.
     The source statistics are a copy taken at attach time; the layer's own
     buffers are never written.
     """
 
-    def __init__(self, norm: nn.Module, prior: float = 16.0, running_horizon: float = 128.0, min_batch: int = 16):
+    def __init__(self, norm: nn.Module, prior: float = 16.0, running_horizon: float = 128.0, min_batch: int = 16,
+                 robust_horizon: float = 4096.0):
         super().__init__()
         if not isinstance(norm, _BATCH_NORMS) or norm.running_mean is None:
             raise TypeError("selfheal: NormStatsAdapter needs a BatchNorm layer with running statistics")
         self.prior = float(prior)
         self.running_horizon = float(running_horizon)
+        self.robust_horizon = float(robust_horizon)
         self.min_batch = int(min_batch)
         self.register_buffer("source_mean", norm.running_mean.detach().clone().float())
         self.register_buffer("source_var", norm.running_var.detach().clone().float())
@@ -152,7 +156,8 @@ class NormStatsAdapter(nn.Module):
                 # moments of the mixture (recent stream, this batch): a batch
                 # of one has no variance of its own, its distance to the
                 # running mean supplies it; a non-finite batch changes nothing
-                m = count / (count + self.running_horizon)
+                horizon = self.robust_horizon if self.robust else self.running_horizon
+                m = count / (count + horizon)
                 delta = torch.where(finite, batch_mean.detach() - self.running_mean, 0.0)
                 updated = (1 - m) * self.running_var + m * batch_var.detach() + m * (1 - m) * delta * delta
                 self.running_var.copy_(torch.where(finite, updated, self.running_var))

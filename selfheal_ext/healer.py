@@ -483,12 +483,12 @@ class SelfHealer:
             self._unchecked = False
             self._gate_rules()  # a version the deferred worker published: checked before it serves
         # Not diverse enough to trust (label-ordered streams): normalise
-        # with the running statistics and do not update them from these
-        # batches (a run of one class would slowly poison them too).
-        # Outside the policy's hours the statistics are held as well.
-        robust = self._robust_norm() or not self.policy.hours_allow()
-        self.adapters.set_robust(robust)
-        self.adapters.set_update_running(not robust)
+        # with the running statistics, updated slowly from these batches
+        # (over many runs of classes, RoTTA-style). Outside the policy's
+        # hours the statistics are held.
+        held = not self.policy.hours_allow()
+        self.adapters.set_robust(self._robust_norm() or held)
+        self.adapters.set_update_running(not held)
         # The monitor's read_every spares dormant serving; every batch is
         # read while the adapters work (release and guards need each one).
         self.monitor.read_all = self.active or self.suspended

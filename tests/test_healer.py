@@ -159,7 +159,10 @@ def test_label_ordered_stream_is_not_learnt_from_by_default(task, source_model):
     assert any(e.kind == "skip" and e.detail["reason"] == "classes arrive in runs" for e in healer.events)
     with torch.no_grad():
         source = accuracy([source_model(x) for x, _ in stream], [y for _, y in stream])
-    assert accuracy(outputs, [y for _, y in stream]) >= source - 0.01
+    # Robust mode still follows the drift, slowly (robust_horizon): 93.6 %
+    # against the source's 89.2 % here; statistics held in robust mode gave
+    # exactly the source's accuracy.
+    assert accuracy(outputs, [y for _, y in stream]) >= source + 0.02
 
 
 def test_nan_inputs_never_reach_the_adapter_weights(task, source_model):
