@@ -109,6 +109,19 @@ def test_bottleneck_adapter_matches_the_reference(channels_first):
     assert adapter.up.grad is not None and adapter.down.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("shape", [(64, 16, 16, 16), (64, 8, 5, 3), (32, 24)])
+def test_norm_statistics_batch_moments_match_float64_far_from_zero(shape):
+    # Values far from zero relative to their spread (mean 100, std 0.01): the
+    # batch moments must not lose the variance to cancellation.
+    bn = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1]).eval()
+    adapter = NormStatsAdapter(bn, prior=0.0)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.01 + 100
+    dims = [0] + list(range(2, x.dim()))
+    mean, var = adapter.statistics(x)  # prior 0: the batch's own moments
+    torch.testing.assert_close(mean.double(), x.double().mean(dims), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), x.double().var(dims, unbiased=False), rtol=1e-4, atol=0)
+
+
 def test_norm_statistics_prior_small_batches_robust_mode_and_nan():
     bn = nn.BatchNorm1d(4).eval()
     bn.running_mean.fill_(0.0)
