@@ -131,25 +131,31 @@ def build_config_text():
     )
 
 
-def check_shared_libstdcxx(path):
+def check_shared_libstdcxx(paths):
     """Refuses an extension that carries its own static copy of libstdc++.
 
     Some images point CXX at a compiler that links libstdc++ statically. The
     extension then holds a second libstdc++ beside the shared one that torch
     loads; the dynamic linker binds part of it to torch's copy, and the first
     std::ostream use (building any error message) crashes. A shared libstdc++
-    in the extension's NEEDED list rules that out.
+    in the extension's NEEDED list rules that out. A refused build is deleted
+    (in the package too, for in-place and editable builds), so it is never
+    imported.
     """
     readelf = shutil.which("readelf")
-    if not sys.platform.startswith("linux") or readelf is None or not os.path.isfile(path):
+    existing = [path for path in paths if os.path.isfile(path)]
+    if not sys.platform.startswith("linux") or readelf is None or not existing:
         return
-    result = subprocess.run([readelf, "-d", path], capture_output=True, text=True)
-    if result.returncode == 0 and "libstdc++" not in result.stdout:
-        sys.exit(
-            f"selfheal_ext: {os.path.basename(path)} was linked with a static libstdc++ "
-            f"(CXX={os.environ.get('CXX', 'c++')}), which crashes beside torch's shared one; "
-            "rebuild with a compiler that links it dynamically, e.g. CC=gcc CXX=g++"
-        )
+    result = subprocess.run([readelf, "-d", existing[0]], capture_output=True, text=True)
+    if result.returncode != 0 or re.search(r"\(NEEDED\).*\[libstdc\+\+\.so", result.stdout):
+        return
+    for path in existing:
+        os.remove(path)
+    sys.exit(
+        f"selfheal_ext: {os.path.basename(existing[0])} was linked with a static libstdc++ "
+        f"(CXX={os.environ.get('CXX', 'c++')}), which crashes beside torch's shared one; it was "
+        "deleted. Rebuild with a compiler that links libstdc++ dynamically, e.g. CC=gcc CXX=g++"
+    )
 
 
 class BuildWithConfig(BuildExtension):
@@ -160,7 +166,9 @@ class BuildWithConfig(BuildExtension):
         # make a stale _C look as if it matched the new torch.
         super().run()
         for ext in self.extensions:
-            check_shared_libstdcxx(self.get_ext_fullpath(ext.name))
+            built = os.path.join(self.build_lib, *ext.name.split(".")[:-1],
+                                 os.path.basename(self.get_ext_fullpath(ext.name)))
+            check_shared_libstdcxx(list(dict.fromkeys([self.get_ext_fullpath(ext.name), built])))
         text = build_config_text()
         targets = [os.path.join(HERE, "selfheal_ext", "_build_config.py")]
         if not self.inplace:

@@ -92,7 +92,7 @@ build_extension() {
   python -m pip install --no-build-isolation --no-deps -e . 2>&1 | tee "$pip_log"
   rc=${PIPESTATUS[0]}
   if ((rc == 0)); then rm -f "$pip_log"; return 0; fi
-  if grep -qE 'FAILED: |Error compiling objects|error: command .* failed with exit code' "$pip_log"; then
+  if grep -qE 'FAILED: |Error compiling objects|error: command .* failed with exit code|static libstdc\+\+' "$pip_log"; then
     rm -f "$pip_log"
     return "$rc"
   fi
@@ -143,8 +143,14 @@ run_step toolchain toolchain.txt 60 0 bash -c "$TOOLCHAIN_INFO" || true
 # The system compiler pair, when there is one: an image may point CXX at a
 # compiler that links libstdc++ statically, and such an extension crashes beside
 # torch's shared libstdc++ (setup.py refuses it). GPU_CHECK_CC/CXX override.
-BUILD_CC=${GPU_CHECK_CC:-$(command -v /usr/bin/gcc || command -v gcc || true)}
-BUILD_CXX=${GPU_CHECK_CXX:-$(command -v /usr/bin/g++ || command -v g++ || true)}
+# (chosen as a pair: never /usr/bin/gcc with another g++)
+if [[ -x /usr/bin/gcc && -x /usr/bin/g++ ]]; then
+  default_cc=/usr/bin/gcc default_cxx=/usr/bin/g++
+else
+  default_cc=$(command -v gcc || true) default_cxx=$(command -v g++ || true)
+fi
+BUILD_CC=${GPU_CHECK_CC:-$default_cc}
+BUILD_CXX=${GPU_CHECK_CXX:-$default_cxx}
 compilers=()
 if [[ -n $BUILD_CC && -n $BUILD_CXX ]]; then compilers=(CC="$BUILD_CC" CXX="$BUILD_CXX"); fi
 echo "build compilers: ${compilers[*]:-as the environment has them (CC=${CC:-} CXX=${CXX:-})}"

@@ -30,22 +30,26 @@ def _tail_fit_quantile(ordered: torch.Tensor, alpha: float) -> float:
     up to 5x, on the monitor's own bootstrap maxima. The five most extreme
     points, where the empirical survival is noisiest, are left out."""
     n = ordered.numel()
-    top = max(30, n // 10)
+    top = min(n, max(30, n // 10))
     skip = 5
-    rank = torch.arange(skip, top, dtype=torch.float64)
-    log_survival = torch.log((rank + 0.5) / n)
-    values = ordered[skip:top].double().tolist()
-    targets = log_survival.tolist()
-    # The least-squares line in closed form with exactly rounded sums: the same
-    # threshold from the same sample on any machine and thread count (LAPACK's
-    # lstsq moved the last bit between two calls in one process on a 16-core
-    # host).
-    count = len(values)
-    mean_x, mean_y = math.fsum(values) / count, math.fsum(targets) / count
-    spread = math.fsum((v - mean_x) ** 2 for v in values)
-    if not spread > 0.0:
+    if top - skip < 2:
         return float(ordered[0])
-    slope = math.fsum((v - mean_x) * (t - mean_y) for v, t in zip(values, targets)) / spread
+    values = ordered[skip:top].double().tolist()
+    targets = [math.log((rank + 0.5) / n) for rank in range(skip, top)]
+    # The least-squares line in closed form, in Python floats with exactly
+    # rounded sums: the same threshold from the same sample at any thread
+    # count (LAPACK's lstsq moved the last bit between two calls in one
+    # process on a 16-core host). Values too large to square give up the fit.
+    count = len(values)
+    try:
+        mean_x, mean_y = math.fsum(values) / count, math.fsum(targets) / count
+        deviations = [v - mean_x for v in values]
+        spread = math.fsum(d * d for d in deviations)
+        if not 0.0 < spread < math.inf:
+            return float(ordered[0])
+        slope = math.fsum(d * (t - mean_y) for d, t in zip(deviations, targets)) / spread
+    except (OverflowError, ValueError):
+        return float(ordered[0])
     intercept = mean_y - slope * mean_x
     if not slope < 0.0:
         return float(ordered[0])

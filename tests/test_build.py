@@ -81,3 +81,28 @@ def test_setup_follows_an_nvcc_wrapper_and_refuses_a_mismatched_toolkit(tmp_path
     assert result.returncode != 0
     assert f"{tmp_path / 'cuda-1.2'} is CUDA 1.2" in result.stderr
     assert f"built with CUDA {torch.version.cuda}" in result.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None
+                    or shutil.which("readelf") is None, reason="needs Linux, g++ and readelf")
+def test_setup_refuses_and_deletes_an_extension_with_a_static_libstdcxx(tmp_path):
+    # The GPU image's CXX linked libstdc++ statically and every CUDA call then
+    # crashed inside std::ostream: setup.py must refuse such a build.
+    source = tmp_path / "lib.cpp"
+    source.write_text('#include <sstream>\nextern "C" int f(long v) { std::ostringstream s; s << v; '
+                      'return (int)s.str().size(); }\n')
+    shared, static = tmp_path / "shared.so", tmp_path / "static.so"
+    for target, extra in ((shared, []), (static, ["-static-libstdc++"])):
+        subprocess.run(["g++", "-shared", "-fPIC", str(source), "-o", str(target), *extra], check=True)
+    text = (ROOT / "setup.py").read_text()
+    function = text[text.index("def check_shared_libstdcxx"):text.index("class BuildWithConfig")]
+    namespace = {"os": os, "re": __import__("re"), "sys": sys, "shutil": shutil, "subprocess": subprocess}
+    exec(function, namespace)  # the function alone: importing setup.py would run setup()
+    check = namespace["check_shared_libstdcxx"]
+    check([str(shared)])
+    assert shared.exists()
+    copy = tmp_path / "copy.so"
+    shutil.copy(static, copy)
+    with pytest.raises(SystemExit, match="static libstdc"):
+        check([str(static), str(copy)])
+    assert not static.exists() and not copy.exists()

@@ -290,8 +290,8 @@ def test_monitor_on_cuda_matches_cpu(window_kind, max_features):
 @pytest.mark.parametrize("device", DEVICES)
 def test_monitor_calibrates_and_serves_on_its_device_with_sketched_taps(device):
     # The whole life on one device: calibrate, read, state round trip, with
-    # every tap wider than max_features (on CUDA, bench/overhead.py found the
-    # sketch planning comparing against a CPU tensor).
+    # the 32-wide taps sketched to max_features 8 (on CUDA, bench/overhead.py
+    # found the sketch planning comparing against a CPU tensor).
     def monitor_on(device):
         return sh.DriftMonitor(_mlp().to(device), window=64, false_alarm_every=100_000, bootstrap=2000,
                                max_features=8)

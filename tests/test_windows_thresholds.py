@@ -122,3 +122,26 @@ def test_fit_temperature_recovers_the_scaling():
     true_logits = torch.randn(20_000, 5, generator=generator, dtype=torch.float64) * 2
     labels = torch.multinomial(torch.softmax(true_logits, dim=1), 1, generator=generator).squeeze(1)
     assert fit_temperature(true_logits * 3.0, labels) == pytest.approx(3.0, rel=0.05)
+
+
+def test_tail_fit_is_the_least_squares_line_and_survives_degenerate_tails():
+    from selfheal_ext.thresholds import _tail_fit_quantile
+
+    def lstsq_fit(ordered, alpha):
+        n = ordered.numel()
+        top, skip = max(30, n // 10), 5
+        log_survival = torch.log((torch.arange(skip, top, dtype=torch.float64) + 0.5) / n)
+        values = ordered[skip:top]
+        design = torch.stack([torch.ones_like(values), values], dim=1)
+        intercept, slope = torch.linalg.lstsq(design, log_survival.unsqueeze(1)).solution.squeeze(1).tolist()
+        return (math.log(alpha) - intercept) / slope
+
+    generator = torch.Generator().manual_seed(0)
+    for size in (300, 1000, 5000):
+        ordered, _ = torch.sort(torch.randn(size, generator=generator, dtype=torch.float64) ** 2, descending=True)
+        assert _tail_fit_quantile(ordered, 1e-5) == pytest.approx(lstsq_fit(ordered, 1e-5), rel=1e-12)
+    # Tied or unsquarable tails, and too few points, give the sample maximum.
+    assert _tail_fit_quantile(torch.full((60,), 3.0, dtype=torch.float64), 1e-4) == 3.0
+    huge, _ = torch.sort(torch.rand(100, generator=generator, dtype=torch.float64) * 1e300, descending=True)
+    assert _tail_fit_quantile(huge, 1e-4) == float(huge[0])
+    assert _tail_fit_quantile(torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5], dtype=torch.float64), 1e-4) == 5.0
