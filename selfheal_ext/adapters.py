@@ -207,7 +207,7 @@ class AdapterSet(nn.Module):
     """
 
     def __init__(self, model: nn.Module, placements: Sequence[Placement], activation: str = "gelu",
-                 norm_prior: float = 16.0, seed: int = 0):
+                 norm_prior: float = 16.0, seed: int = 0, robust_horizon: float = 4096.0):
         super().__init__()
         named = dict(model.named_modules())
         self.placements = list(placements)
@@ -226,7 +226,7 @@ class AdapterSet(nn.Module):
             elif placement.kind == "affine":
                 adapter = AffineAdapter(placement.channels, placement.channels_first)
             elif placement.kind == "norm":
-                adapter = NormStatsAdapter(module, prior=norm_prior)
+                adapter = NormStatsAdapter(module, prior=norm_prior, robust_horizon=robust_horizon)
             else:
                 raise ValueError(f"selfheal: adapter kind must be one of {ADAPTER_KINDS}, got {placement.kind!r}")
             placement.parameters = sum(p.numel() for p in adapter.parameters())
@@ -385,7 +385,9 @@ def _matches(name: str, module: nn.Module, targets) -> bool:
 
 def attach_adapters(model: nn.Module, budget: float = 0.05, targets=None, kinds: Sequence[str] = ADAPTER_KINDS,
                     max_rank: int = 16, activation: str = "gelu", norm_prior: float = 16.0,
-                    seed: int = 0) -> AdapterSet:
-    """Plans and attaches dormant adapters to ``model`` (see ``plan_adapters``)."""
+                    seed: int = 0, robust_horizon: float = 4096.0) -> AdapterSet:
+    """Plans and attaches dormant adapters to ``model`` (see ``plan_adapters``;
+    ``robust_horizon``: see ``NormStatsAdapter``)."""
     placements = plan_adapters(model, budget=budget, targets=targets, kinds=kinds, max_rank=max_rank)
-    return AdapterSet(model, placements, activation=activation, norm_prior=norm_prior, seed=seed)
+    return AdapterSet(model, placements, activation=activation, norm_prior=norm_prior, seed=seed,
+                      robust_horizon=robust_horizon)

@@ -101,6 +101,15 @@ class SelfHealer:
             the recent stream's by more than this KL divergence (nats; classes
             arriving in runs, label-ordered streams) is not learnt from, and
             BatchNorm uses its running statistics for it (``inf``: never).
+        batch_diversity: such a batch is checked once more before it is
+            treated as a run: normalised with its own statistics, a batch of
+            one class loses its class signal (uncertain predictions), a batch
+            of many classes does not. Under a drift that makes the source
+            predict one class for everything, this tells the two apart; the
+            entropy level between them is calibrated (``False``: off).
+        robust_horizon: samples over which BatchNorm statistics follow the
+            stream while classes arrive in runs (RoTTA's robust BN; larger:
+            slower, safer on long runs of one class).
         min_step_samples: batches smaller than this are pooled until one step
             has this many samples (single process; batch size 1 streams).
         release_after: clean batches (input-side divergence under threshold)
@@ -156,6 +165,8 @@ class SelfHealer:
         collapse_ratio: float = 0.5,
         agreement_floor: float = 0.0,
         label_shift: float = 0.5,
+        batch_diversity: bool = True,
+        robust_horizon: float = 4096.0,
         min_step_samples: int = 16,
         divergence_rise: float = 3.0,
         mode: str = "inline",
@@ -197,6 +208,8 @@ class SelfHealer:
             raise ValueError("selfheal: keep_versions, buffer_size and proposal_steps must be >= 1")
         if not lr > 0:
             raise ValueError(f"selfheal: lr must be > 0, got {lr}")
+        if not robust_horizon > 0:
+            raise ValueError(f"selfheal: robust_horizon must be > 0, got {robust_horizon}")
         if not 0 < entropy_margin <= 1:
             raise ValueError(f"selfheal: entropy_margin must be in (0, 1], got {entropy_margin}")
         self.model = model.eval()
@@ -208,6 +221,7 @@ class SelfHealer:
             "max_steps_per_minute": max_steps_per_minute, "reset_every": reset_every,
             "release_after": release_after, "collapse_ratio": float(collapse_ratio),
             "agreement_floor": float(agreement_floor), "label_shift": float(label_shift),
+            "batch_diversity": bool(batch_diversity), "robust_horizon": float(robust_horizon),
             "min_step_samples": int(min_step_samples),
             "divergence_rise": float(divergence_rise), "mode": mode, "replay_size": int(replay_size),
             "seed": int(seed), "approval": bool(approval), "keep_versions": int(keep_versions),
@@ -232,7 +246,8 @@ class SelfHealer:
         self.process_group = process_group
         self.batch_samples = 0  # samples in the last served batch (metrics)
         self.adapters: AdapterSet = attach_adapters(model, budget=budget, targets=adapter_targets,
-                                                    kinds=adapter_kinds, max_rank=max_rank, seed=seed)
+                                                    kinds=adapter_kinds, max_rank=max_rank, seed=seed,
+                                                    robust_horizon=robust_horizon)
         options = dict(monitor_options or {})
         if "taps" not in options:
             options["taps"] = self._default_taps(options.get("tap_count", 3))
@@ -265,6 +280,8 @@ class SelfHealer:
         self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, int(replay_size)))
         self._shadow = None
         self._reference_probs: Optional[torch.Tensor] = None
+        # calibrated entropy levels of batch-statistics predictions (batch_diversity)
+        self._diversity: Optional[Dict[str, float]] = None
         self._long_probs: Optional[torch.Tensor] = None
         self._listeners: List[Callable] = []
         # seconds of the last served batch: model forward (with taps and
@@ -339,6 +356,11 @@ class SelfHealer:
         self._downstream_baseline: Optional[float] = None
         self._label_shift: Optional[float] = None
         self._robust = False
+        # the batch-statistics check of the batch being served: True (many
+        # classes), False (a run), None (not checked); and its entropy
+        self._check: Optional[bool] = None
+        self._check_tried = False
+        self._diverse_entropy: Optional[float] = None
         self._pending: List[torch.Tensor] = []
         if getattr(self, "_reference_probs", None) is not None:
             self._long_probs = self._reference_probs.clone()
@@ -377,7 +399,99 @@ class SelfHealer:
             self._fit_fisher(batches)
             self._reference_probs = self._reference_class_mix(batches)
             self._long_probs = self._reference_probs.clone()
+            self._diversity = self._calibrate_diversity(batches)
         return report
+
+    def _diversity_rows(self) -> Optional[int]:
+        """Fewest rows a batch needs for the batch-statistics check (the norm
+        adapters' own minimum); None when there is nothing to check with."""
+        norms = self.adapters.norm_adapters()
+        if not norms or not self.config["batch_diversity"] or math.isinf(self.config["label_shift"]):
+            return None
+        return max(8, max(a.min_batch for a in norms))
+
+    def _batch_statistics_entropy(self, x: torch.Tensor) -> torch.Tensor:
+        """``[sum, rows]`` of the normalised prediction entropy of ``x``'s
+        finite rows with the adapters active and every norm adapter on this
+        batch's statistics; unseen by the monitor, running statistics untouched."""
+        adapters = self.adapters
+        was_active, was_robust = adapters.active, [a.robust for a in adapters.norm_adapters()]
+        was_update = [a.update_running for a in adapters.norm_adapters()]
+        rows = x[_finite_rows(x)]
+        adapters.active = True
+        adapters.set_robust(False)
+        adapters.set_update_running(False)
+        try:
+            with torch.no_grad(), self.monitor.paused():
+                log_probs = torch.log_softmax(self._logits(self.model(rows)).float(), dim=1)
+        finally:
+            adapters.active = was_active
+            for a, robust, update in zip(adapters.norm_adapters(), was_robust, was_update):
+                a.robust, a.update_running = robust, update
+        entropy = -(log_probs.exp() * log_probs).sum(dim=1) / math.log(max(log_probs.shape[1], 2))
+        entropy = entropy[torch.isfinite(entropy)]
+        return torch.stack([entropy.double().sum(), torch.tensor(float(entropy.numel()), dtype=torch.float64,
+                                                                 device=entropy.device)])
+
+    def _calibrate_diversity(self, batches) -> Optional[Dict[str, float]]:
+        """Entropy of batch-statistics predictions on healthy batches as served
+        (many classes) and on batches of one source-predicted class (a run):
+        the check's threshold is half-way. None when batch statistics do not
+        erase the class signal (no level between the two to tell them apart)."""
+        minimum = self._diversity_rows()
+        if minimum is None:
+            return None
+        device = self._device()
+        inputs = [x[_finite_rows(x)] for x in (self._inputs(b).to(device) for b in batches[:32])]
+        inputs = [x for x in inputs if x.shape[0] > 0]
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        size = max((x.shape[0] for x in inputs), default=0)
+        self.adapters.set_update_running(False)
+        try:
+            for x in inputs:
+                if x.shape[0] >= minimum:
+                    sums[:2] += self._batch_statistics_entropy(x)
+            if inputs and all(x.shape[1:] == inputs[0].shape[1:] for x in inputs):
+                pooled = torch.cat(inputs)
+                with torch.no_grad(), self.monitor.paused():
+                    self.adapters.active = False
+                    predicted = torch.cat([self._logits(self.model(chunk)).argmax(dim=1)
+                                           for chunk in pooled.split(max(size, 1))])
+                for label in predicted.unique():
+                    members = pooled[predicted == label]
+                    for chunk in members.split(size)[:4]:
+                        if chunk.shape[0] >= minimum:
+                            sums[2:] += self._batch_statistics_entropy(chunk)
+        finally:
+            self.adapters.active = False
+            self.adapters.set_update_running(True)
+            self.adapters.set_robust(False)
+            self._to_source()
+        sums = self._merged(sums)  # every rank gets the same threshold
+        if float(sums[1]) == 0 or float(sums[3]) == 0:
+            return None
+        diverse, run = float(sums[0] / sums[1]), float(sums[2] / sums[3])
+        if run - diverse < 0.05:
+            return None
+        return {"diverse": diverse, "run": run, "threshold": 0.5 * (diverse + run)}
+
+    def _batch_is_diverse(self, x: torch.Tensor) -> Optional[bool]:
+        """The batch-statistics check (merged over ranks): True when ``x``'s
+        predictions with its own statistics are as confident as a healthy
+        batch of many classes (below the calibrated half-way level), False
+        when not, None when it cannot tell (no check, too few rows)."""
+        self._check_tried = True
+        minimum = self._diversity_rows()
+        if self._diversity is None or minimum is None:
+            return None
+        finite = int(_finite_rows(x).sum()) if x.dim() and x.shape[0] else 0
+        sums = self._batch_statistics_entropy(x) if finite >= minimum else \
+            torch.zeros(2, dtype=torch.float64, device=self._device())
+        sums = self._merged(sums)
+        if float(sums[1]) < minimum:
+            return None
+        self._diverse_entropy = float(sums[0] / sums[1])
+        return self._diverse_entropy < self._diversity["threshold"]
 
     def _inputs(self, batch):
         if isinstance(batch, (tuple, list)):
@@ -487,7 +601,15 @@ class SelfHealer:
         # (over many runs of classes, RoTTA-style). Outside the policy's
         # hours the statistics are held.
         held = not self.policy.hours_allow()
-        self.adapters.set_robust(self._robust_norm() or held)
+        # The source's class mix says "run" (or half-says it: a confused
+        # drifted source spreads its predictions over a run of one class),
+        # and a drift can make it predict one class for every input, which
+        # looks like a run too: the batch-statistics check decides.
+        self._check, self._check_tried, self._diverse_entropy = None, False, None
+        if (self._robust_norm() or self._run_hinted(self._label_shift)) and not held and self.active \
+                and not self.suspended:
+            self._check = self._batch_is_diverse(x)
+        self.adapters.set_robust(self._in_run() or held)
         self.adapters.set_update_running(not held)
         # The monitor's read_every spares dormant serving; every batch is
         # read while the adapters work (release and guards need each one).
@@ -498,12 +620,38 @@ class SelfHealer:
         if self.active or self.suspended:
             self._after_batch(x, logits, report)
         elif report.read:
+            # (the batch that activates the adapters is folded into the
+            # recent class mix twice: here and after it is served again)
             self._track(logits)
             if report.drift and self.audit_error is None and self._policy_allows():
                 self._activate(report)
+                output, logits = self._serve_onset(x, output, logits)
                 self._after_batch(x, logits, report)
         self._end_timing()
         return output
+
+    def _serve_onset(self, x: torch.Tensor, output, logits: torch.Tensor):
+        """The batch that activated the adapters was served by the source
+        model; it is served again as the active healer serves every batch:
+        with its own BatchNorm statistics, when the batch-statistics check
+        says it holds many classes (or, without the check, when the
+        label-shift guard does not take it for a run). A run that the drifted
+        source does not recognise as one (its predictions already spread)
+        keeps the source's output. No weight has changed yet, so predict-first
+        holds; the extra forwards happen once per drift episode."""
+        norms = self.adapters.norm_adapters()
+        if not norms:
+            return output, logits
+        # (the collectives first: every rank takes the same decisions)
+        if self._diversity is not None:
+            self._check = self._batch_is_diverse(x)
+        run = self._check is False or (self._check is None and self._looks_like_run(self._guard_statistics(logits, logits)))
+        if run or x.shape[0] < norms[0].min_batch:
+            return output, logits
+        self.adapters.set_robust(False)
+        with torch.no_grad(), self.monitor.paused():
+            output = self.model(x)
+        return output, self._logits(output).detach()
 
     def _served_forward(self, x: torch.Tensor):
         """The served forward pass (counted by the monitor) and its decision:
@@ -638,6 +786,19 @@ class SelfHealer:
             self._robust = False
         return self._robust
 
+    def _in_run(self) -> bool:
+        """This batch is treated as part of a run of classes (robust
+        statistics, no entropy step): the batch-statistics check decides when
+        it ran, the label-shift guard otherwise."""
+        if self._check is not None:
+            return not self._check
+        return self._robust_norm()
+
+    def _run_hinted(self, label_shift: Optional[float]) -> bool:
+        """A label shift above a quarter of the guard's threshold: too weak
+        to call a run, enough to ask the batch-statistics check."""
+        return label_shift is not None and label_shift > 0.25 * self.config["label_shift"]
+
     def _track(self, source_logits: torch.Tensor) -> None:
         """Class mix of a batch served by the source model."""
         self._track_merged(self._guard_statistics(source_logits, source_logits))
@@ -649,20 +810,44 @@ class SelfHealer:
         rows = float(stats[1])
         if rows < 1:
             return
+        shift = self._batch_shift(stats)
+        if shift is not None:
+            self._label_shift = shift if self._label_shift is None else 0.5 * self._label_shift + 0.5 * shift
+        classes = (stats.numel() - 2) // 2
+        batch = (stats[2 + classes:] / rows).cpu().clamp_min(1e-8)
+        weight = rows / (rows + self.monitor.config["window"])
+        self._long_probs = (1 - weight) * self._long_probs + weight * batch.double()
+
+    def _expected_shift(self, stats: torch.Tensor) -> Optional[float]:
+        """The label-shift guard's level once this batch is folded in."""
+        shift = self._batch_shift(stats)
+        return self._label_shift if shift is None else \
+            shift if self._label_shift is None else 0.5 * self._label_shift + 0.5 * shift
+
+    def _looks_like_run(self, stats: torch.Tensor) -> bool:
+        """Whether the label-shift guard, with this batch's class mix folded
+        in, would treat it as part of a run of classes."""
+        expected = self._expected_shift(stats)
+        threshold = self.config["label_shift"]
+        return expected is not None and (expected > threshold or (self._robust and expected >= 0.5 * threshold))
+
+    def _batch_shift(self, stats: torch.Tensor) -> Optional[float]:
+        """KL divergence of the batch's source class mix from the recent
+        stream's (None under 8 rows); 0 for a batch at least as diverse as the
+        recent stream, or judged diverse by its batch statistics."""
+        rows = float(stats[1])
+        if rows < 8:
+            return None
         classes = (stats.numel() - 2) // 2
         batch = (stats[2 + classes:] / rows).cpu().clamp_min(1e-8)
         recent = self._long_probs.clamp_min(1e-8)
-        if rows >= 8:
-            shift = float((batch * (batch / recent).log()).sum())
-            # Only a batch *less* diverse than the recent stream is a run of
-            # classes; a more diverse one is the stream recovering (a source
-            # model that collapsed on one class under a drift, now served
-            # clean data again), which must not freeze the statistics.
-            if _effective_from_mean(batch) >= _effective_from_mean(recent):
-                shift = 0.0
-            self._label_shift = shift if self._label_shift is None else 0.5 * self._label_shift + 0.5 * shift
-        weight = rows / (rows + self.monitor.config["window"])
-        self._long_probs = (1 - weight) * self._long_probs + weight * batch.double()
+        # Only a batch *less* diverse than the recent stream is a run of
+        # classes; a more diverse one is the stream recovering (a source
+        # model that collapsed on one class under a drift, now served
+        # clean data again), which must not freeze the statistics.
+        if _effective_from_mean(batch) >= _effective_from_mean(recent) or self._check is True:
+            return 0.0
+        return float((batch * (batch / recent).log()).sum())
 
     def _source_logits(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The source model's logits for ``x`` (adapters switched off for one
@@ -717,10 +902,16 @@ class SelfHealer:
         source_logits = self._source_logits(x)
         self._remember_source(source_logits)
         stats = self._guard_statistics(logits, source_logits)
+        if not self._check_tried and (self._looks_like_run(stats) or self._run_hinted(self._expected_shift(stats))):
+            # served as diverse (no run suspected before it), but its own
+            # class mix hints at one: checked before it is learnt from
+            self._check = self._batch_is_diverse(x)
         self._track_merged(stats)
         if self._guards(stats, report):
             return
-        if self.bias_guard is not None and source_logits is not None and not self._robust:
+        # (runs of classes included: the guard compares the adapted and the
+        # source predictions of the same inputs, which a run does not bias)
+        if self.bias_guard is not None and source_logits is not None:
             reason = self.bias_guard.update(x, logits, source_logits)
             if reason is not None:
                 self._stop_adapting("bias", reason, **self.bias_guard.last)
@@ -737,12 +928,15 @@ class SelfHealer:
             return
         if not self._policy_allows():
             return
-        if self._robust_norm():
+        if self._in_run():
             # Batches far less diverse than healthy ones (classes arriving in
             # runs): entropy minimisation on them drives the adapters towards
             # the current class, the known failure of TENT-like updates on
             # label-ordered streams. Wait for diverse batches.
-            self._event("skip", reason="classes arrive in runs", label_shift=self._label_shift)
+            # the statistics still moved (slowly): the state is hashed as for a step
+            self._event("skip", state_hash=tensor_digest(self.adapters.state_dict()) if self.audit is not None
+                        else None, reason="classes arrive in runs", label_shift=self._label_shift,
+                        batch_entropy=self._diverse_entropy)
             return
         x = self._gather_small(x)
         if x is None:
@@ -1099,6 +1293,9 @@ class SelfHealer:
                   "samples": int(x.shape[0]), "shift": shift, "change": change,
                   "score": self.drift.score if self.drift is not None else None,
                   "learning_rate": optimizer.param_groups[0]["lr"]}
+        if self._check is True and model is self.model:
+            # looked like a run of one class, but its own statistics say many classes
+            detail["batch_entropy"] = self._diverse_entropy
         if record:
             self._event("step", state_hash=tensor_digest(adapters.state_dict()) if self.audit is not None else None, **detail)
         if self.config["reset_every"] and self.steps % self.config["reset_every"] == 0:
@@ -1202,10 +1399,20 @@ class SelfHealer:
                 self._end_stage()
                 return
             self._track(logits)
-        if self.hold or self.suspended or self._robust_norm() or not self._policy_allows():
+        if self.hold or self.suspended or not self._policy_allows():
             return
         if any(p["status"] == "pending" for p in self.proposals.values()):
             return  # one proposal at a time: wait for the decision
+        if self._robust_norm():
+            # classes in runs: no step; the staged statistics follow the
+            # stream slowly, as the served ones do outside approval mode
+            model, shadow, _ = self._stage
+            with torch.no_grad():
+                shadow.set_robust(True)
+                shadow.set_update_running(True)
+                model(x)
+            self._event("skip", reason="classes arrive in runs", label_shift=self._label_shift, staged=True)
+            return
         x = self._gather_small(x)
         if x is None:
             return
@@ -1500,7 +1707,8 @@ class SelfHealer:
             module._forward_pre_hooks.clear()
         for p in model.parameters():
             p.requires_grad_(False)
-        shadow = AdapterSet(model, [copy.copy(p) for p in self.adapters.placements], seed=self.config["seed"])
+        shadow = AdapterSet(model, [copy.copy(p) for p in self.adapters.placements], seed=self.config["seed"],
+                            robust_horizon=self.config["robust_horizon"])
         shadow.load_state_dict(state)
         shadow.active = True
         optimizer = torch.optim.Adam(shadow.trainable(), lr=self.learning_rate) if shadow.trainable() else None
@@ -1706,6 +1914,7 @@ class SelfHealer:
                 "label_shift": self._label_shift, "robust": self._robust,
                 "pending": [t.clone() for t in self._pending],
                 "reference_probs": None if self._reference_probs is None else self._reference_probs.clone(),
+                "diversity": None if self._diversity is None else dict(self._diversity),
                 "long_probs": None if self._long_probs is None else self._long_probs.clone(),
                 "input_taps": list(self._input_taps),
                 "guard_averages": {"agreement": self._agreement,
@@ -1766,6 +1975,8 @@ class SelfHealer:
             self._robust = bool(state["robust"])
             self._reference_probs = None if state["reference_probs"] is None else state["reference_probs"].clone()
             self._long_probs = None if state["long_probs"] is None else state["long_probs"].clone()
+            diversity = state.get("diversity")  # (absent from states saved before batch_diversity)
+            self._diversity = None if diversity is None else {k: float(v) for k, v in diversity.items()}
             self._input_taps = list(state["input_taps"])
             averages = state["guard_averages"]
             self._agreement = averages["agreement"]

@@ -400,3 +400,61 @@ def test_a_rule_that_cannot_be_evaluated_is_a_violation_not_a_crash(setting, tmp
     assert healer.suspended
     with torch.no_grad():
         assert torch.equal(out, model(stream[5][0]))
+
+
+def _label_ordered(batches_per_class=6):
+    task = Task()
+    stream = []
+    for label in range(C):
+        stream += [task.sample(64, corrupt=True, labels=torch.full((64,), label)) for _ in range(batches_per_class)]
+    return stream
+
+
+def test_runs_of_classes_are_audited_with_the_state_and_staged_statistics_follow_them(setting, tmp_path):
+    stream = _label_ordered()
+    # served: a skip for a run hashes the state, whose statistics still moved
+    healer = _healer(setting, audit=tmp_path / "audit.db")
+    for x, _ in stream:
+        healer(x)
+    skips = [r for r in healer.audit.records() if r.kind == "skip" and r.payload.get("reason") == "classes arrive in runs"]
+    assert skips and all(r.state_hash for r in skips)
+    assert len({r.state_hash for r in skips}) > 1
+    healer.audit.close()
+    # approval mode: the staged copy is not stepped on runs, but its
+    # statistics follow them slowly, as the served ones do without approval
+    staged = _healer(setting, approval=True, proposal_steps=1000)
+    for x, _ in stream:
+        staged(x)
+    assert staged._stage is not None
+    assert any(e.kind == "skip" and e.detail.get("staged") for e in staged.events)
+    _, shadow, _ = staged._stage
+    norms = shadow.norm_adapters()
+    assert norms and any(not torch.equal(a.running_mean, a.source_mean) for a in norms)
+    assert all(a.robust_horizon == staged.config["robust_horizon"] for a in norms)
+
+
+def test_robust_horizon_reaches_every_copy_of_the_adapters(setting):
+    healer = _healer(setting, robust_horizon=1024, mode="deferred")
+    try:
+        assert {a.robust_horizon for a in healer.adapters.norm_adapters()} == {1024.0}
+        _, shadow, _ = healer._detached_copy(healer._adapter_state())
+        assert {a.robust_horizon for a in shadow.norm_adapters()} == {1024.0}
+    finally:
+        healer.close()
+    model = setting[0]
+    with pytest.raises(ValueError, match="robust_horizon"):
+        SelfHealer(copy.deepcopy(model), robust_horizon=0)
+
+
+def test_the_bias_guard_also_watches_runs_of_classes(setting):
+    # Robust statistics still move during runs (slowly), so the served
+    # predictions can drift from the source's there too: the guard sees them.
+    stream = _label_ordered()
+    guard = BiasGuard(max_class_shift=0.3)
+    healer = _healer(setting, bias_guard=guard)
+    served_while_active = 0
+    for x, _ in stream:
+        healer(x)
+        served_while_active += x.shape[0] if healer.active else 0
+    assert any(e.kind == "skip" and e.detail["reason"] == "classes arrive in runs" for e in healer.events)
+    assert guard._seen == served_while_active
