@@ -126,12 +126,32 @@ def _run_and_check_rollbacks(healer, stream):
     return guards
 
 
+def _collapsing(healer):
+    """Replaces the healer's objective with one that drives every prediction
+    to class 0 (a broken loss, a poisoned stream)."""
+    def collapsing_loss(output, parameters, x=None, model=None, adapters=None):
+        logits = healer._logits(output).float()
+        return torch.nn.functional.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long)), len(logits)
+
+    healer._loss = collapsing_loss
+    return healer
+
+
 def test_forced_collapse_is_caught_and_rolled_back(task, source_model):
-    # A huge learning rate, no anchor and no sample filter: entropy
-    # minimisation collapses the predictions onto a few classes.
-    healer = make_healer(task, source_model, lr=1.0, anchor=0.0, entropy_margin=1.0, redundancy=0.0, max_shift=1e6)
+    # The plain entropy collapse (lr=1.0, no anchor, no filters) happens on
+    # some streams only: it turns on the last bits of the BatchNorm moments
+    # (2 trips in 9 runs over three streams and lr 0.3/1/3). The objective is
+    # made to collapse instead; the label-ordered test below forces a natural
+    # collapse reliably. With the divergence guard off, the collapse guard
+    # (effective classes) must catch it.
+    healer = _collapsing(make_healer(task, source_model, lr=0.05, anchor=0.0, max_shift=1e6,
+                                     divergence_rise=float("inf")))
     guards = _run_and_check_rollbacks(healer, drift_stream(task, batches=40))
-    assert any("effective classes" in g.detail["reason"] for g in guards)
+    assert all("effective classes" in g.detail["reason"] for g in guards)
+    # with every guard on, the adapted layers' divergence sees it first
+    healer = _collapsing(make_healer(Task(), source_model, lr=0.05, anchor=0.0, max_shift=1e6))
+    guards = _run_and_check_rollbacks(healer, drift_stream(Task(), batches=20))
+    assert "divergence of the adapted layers" in guards[0].detail["reason"]
 
 
 def test_forced_collapse_on_a_label_ordered_stream_is_caught_by_the_agreement_guard(task, source_model):
