@@ -143,19 +143,24 @@ def test_adapter_empty_batch(device, channels_first):
         assert torch.count_nonzero(grad) == 0
 
 
-def test_adapter_weight_grads_are_deterministic_at_each_thread_count():
+@pytest.mark.parametrize("shape,channels_first", [
+    ((3000, 64), False),
+    ((256, 16, 4, 4), True),  # small maps: tiles of whole samples, 4 chunks
+    ((3, 16, 5000), True),    # long maps: tiles split one sample, several chunks
+])
+def test_adapter_weight_grads_are_deterministic_at_each_thread_count(shape, channels_first):
     # Chunk partials are fixed and added in order, so a rerun at the same thread
     # count is bit-identical. Across thread counts the BLAS under the chunk
     # products may block its sums differently (on a 16-core host MKL moved the
     # last bits of down_weight between 1 and 16 threads), so there they agree
     # to rounding only.
-    x, args = make_args((3000, 64), False, 8, torch.float32, "cpu")
+    x, args = make_args(shape, channels_first, 8, torch.float32, "cpu")
     threads = torch.get_num_threads()
     runs = {}
     try:
         for count in (1, max(2, threads)):
             torch.set_num_threads(count)
-            runs[count] = [run_with_grads(ops.adapter, x, args)[1] for _ in range(2)]
+            runs[count] = [run_with_grads(ops.adapter, x, args, channels_first=channels_first)[1] for _ in range(2)]
     finally:
         torch.set_num_threads(threads)
     one, many = runs[1][0], runs[max(2, threads)][0]

@@ -125,19 +125,50 @@ void write_output_rows(const at::Tensor& out3, const at::Tensor& base3,
   }
 }
 
+// The activation of a [rows, rank] tile, copied into out (a [rows, rank]
+// view), with ATen's vectorised kernels (the scalar loop was the largest cost
+// of small adapters: erf per element). (The out= variants are not used: into
+// a strided view, gelu.out wrote wrong values with torch 2.13.)
+void activate_into(at::Tensor out, const at::Tensor& hidden, Activation act) {
+  switch (act) {
+    case Activation::kRelu:
+      out.copy_(at::relu(hidden));
+      return;
+    case Activation::kGelu:
+      out.copy_(at::gelu(hidden));
+      return;
+    case Activation::kSilu:
+      out.copy_(at::silu(hidden));
+      return;
+    case Activation::kIdentity:
+    default:
+      out.copy_(hidden);
+  }
+}
+
+// grad * act'(hidden), vectorised (the same derivatives as activation.h).
+at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& hidden, Activation act) {
+  switch (act) {
+    case Activation::kRelu:
+      return at::threshold_backward(grad, hidden, 0);
+    case Activation::kGelu:
+      return at::gelu_backward(grad, hidden);
+    case Activation::kSilu:
+      return at::silu_backward(grad, hidden);
+    case Activation::kIdentity:
+    default:
+      return grad;
+  }
+}
+
 // [rows, rank + 1]: activate(hidden) and a last column of ones (the shift's
 // "activation").
-template <typename acc_t>
 at::Tensor activated_with_ones(const at::Tensor& hidden_tile, Activation act) {
   const int64_t rows = hidden_tile.size(0);
   const int64_t rank = hidden_tile.size(1);
   at::Tensor out = at::empty({rows, rank + 1}, hidden_tile.options());
-  const acc_t* h = hidden_tile.data_ptr<acc_t>();
-  acc_t* a = out.data_ptr<acc_t>();
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t k = 0; k < rank; ++k) a[i * (rank + 1) + k] = activate(act, h[i * rank + k]);
-    a[i * (rank + 1) + rank] = acc_t(1);
-  }
+  activate_into(out.narrow(1, 0, rank), hidden_tile, act);
+  out.select(1, rank).fill_(1);
   return out;
 }
 
@@ -203,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_cpu(
               rows_as_block(hidden_tile, tile).copy_(at::matmul(down, x_block));
             }
             if (bias.defined()) hidden_tile.add_(bias);
-            const at::Tensor activated = activated_with_ones<acc_t>(hidden_tile, act);
+            const at::Tensor activated = activated_with_ones(hidden_tile, act);
             if (channels_last) {
               if (direct) {
                 at::Tensor y_rows = rows_of(y3, tile);
@@ -277,7 +308,6 @@ adapter_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "adapter_backward_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
         const at::ThreadLocalState caller_state;  // see adapter_forward_cpu
         at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
           const at::ThreadLocalStateGuard state_guard(caller_state);
@@ -300,19 +330,9 @@ adapter_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
               const at::Tensor h_tile =
                   hidden_c.narrow(0, tile.first_position(shape.spatial), positions);
               // grad of the pre-activation, [positions, rank], and [act(h) | 1]
-              at::Tensor grad_h = at::mm(g_rows, scaled_up);
-              at::Tensor activated = at::empty({positions, rank + 1}, acc_options);
-              acc_t* gh = grad_h.data_ptr<acc_t>();
-              acc_t* a = activated.data_ptr<acc_t>();
-              const acc_t* h = h_tile.data_ptr<acc_t>();
-              for (int64_t i = 0; i < positions; ++i) {
-                for (int64_t k = 0; k < rank; ++k) {
-                  acc_t slope;
-                  activate_with_grad(act, h[i * rank + k], &a[i * (rank + 1) + k], &slope);
-                  gh[i * rank + k] *= slope;
-                }
-                a[i * (rank + 1) + rank] = acc_t(1);
-              }
+              const at::Tensor grad_h =
+                  activation_backward(at::mm(g_rows, scaled_up), h_tile, act);
+              const at::Tensor activated = activated_with_ones(h_tile, act);
               chunk_g.addmm_(g_rows.t(), activated);
               chunk_down.addmm_(grad_h.t(), x_rows);
               chunk_bias.add_(grad_h.sum(0));
