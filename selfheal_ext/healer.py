@@ -361,6 +361,7 @@ class SelfHealer:
         self._check: Optional[bool] = None
         self._check_tried = False
         self._diverse_entropy: Optional[float] = None
+        self._check_seconds = 0.0
         self._pending: List[torch.Tensor] = []
         if getattr(self, "_reference_probs", None) is not None:
             self._long_probs = self._reference_probs.clone()
@@ -412,22 +413,25 @@ class SelfHealer:
 
     def _batch_statistics_entropy(self, x: torch.Tensor) -> torch.Tensor:
         """``[sum, rows]`` of the normalised prediction entropy of ``x``'s
-        finite rows with the adapters active and every norm adapter on this
-        batch's statistics; unseen by the monitor, running statistics untouched."""
+        finite rows with every BatchNorm on this batch's own statistics (no
+        source prior, whatever the batch size) and no other adapter applied:
+        the source model re-normalised, as at calibration, however far the
+        trained adapters have moved. Unseen by the monitor, running statistics
+        untouched."""
         adapters = self.adapters
-        was_active, was_robust = adapters.active, [a.robust for a in adapters.norm_adapters()]
-        was_update = [a.update_running for a in adapters.norm_adapters()]
+        norms = adapters.norm_adapters()
+        was = (adapters.active, adapters.statistics_only, [(a.robust, a.update_running, a.prior) for a in norms])
         rows = x[_finite_rows(x)]
-        adapters.active = True
-        adapters.set_robust(False)
-        adapters.set_update_running(False)
+        adapters.active, adapters.statistics_only = True, True
+        for a in norms:
+            a.robust, a.update_running, a.prior = False, False, 0.0
         try:
             with torch.no_grad(), self.monitor.paused():
                 log_probs = torch.log_softmax(self._logits(self.model(rows)).float(), dim=1)
         finally:
-            adapters.active = was_active
-            for a, robust, update in zip(adapters.norm_adapters(), was_robust, was_update):
-                a.robust, a.update_running = robust, update
+            adapters.active, adapters.statistics_only = was[0], was[1]
+            for a, (robust, update, prior) in zip(norms, was[2]):
+                a.robust, a.update_running, a.prior = robust, update, prior
         entropy = -(log_probs.exp() * log_probs).sum(dim=1) / math.log(max(log_probs.shape[1], 2))
         entropy = entropy[torch.isfinite(entropy)]
         return torch.stack([entropy.double().sum(), torch.tensor(float(entropy.numel()), dtype=torch.float64,
@@ -606,9 +610,11 @@ class SelfHealer:
         # and a drift can make it predict one class for every input, which
         # looks like a run too: the batch-statistics check decides.
         self._check, self._check_tried, self._diverse_entropy = None, False, None
+        checked = time.perf_counter()
         if (self._robust_norm() or self._run_hinted(self._label_shift)) and not held and self.active \
                 and not self.suspended:
             self._check = self._batch_is_diverse(x)
+        self._check_seconds = time.perf_counter() - checked  # (adaptation overhead in self.timing)
         self.adapters.set_robust(self._in_run() or held)
         self.adapters.set_update_running(not held)
         # The monitor's read_every spares dormant serving; every batch is
@@ -632,21 +638,18 @@ class SelfHealer:
 
     def _serve_onset(self, x: torch.Tensor, output, logits: torch.Tensor):
         """The batch that activated the adapters was served by the source
-        model; it is served again as the active healer serves every batch:
+        model; it is served again as the active healer serves every batch,
         with its own BatchNorm statistics, when the batch-statistics check
-        says it holds many classes (or, without the check, when the
-        label-shift guard does not take it for a run). A run that the drifted
-        source does not recognise as one (its predictions already spread)
-        keeps the source's output. No weight has changed yet, so predict-first
-        holds; the extra forwards happen once per drift episode."""
+        says it holds many classes (without the check, never). A run of one
+        class keeps the source's output, even one the drifted source does not
+        recognise as a run (its predictions spread). No weight has changed
+        yet, so predict-first holds; the extra forwards (check, re-serve)
+        happen once per drift episode."""
         norms = self.adapters.norm_adapters()
-        if not norms:
+        if not norms or self._diversity is None:
             return output, logits
-        # (the collectives first: every rank takes the same decisions)
-        if self._diversity is not None:
-            self._check = self._batch_is_diverse(x)
-        run = self._check is False or (self._check is None and self._looks_like_run(self._guard_statistics(logits, logits)))
-        if run or x.shape[0] < norms[0].min_batch:
+        self._check = self._batch_is_diverse(x)  # (a collective: before any rank-local branch)
+        if self._check is not True or x.shape[0] < norms[0].min_batch:
             return output, logits
         self.adapters.set_robust(False)
         with torch.no_grad(), self.monitor.paused():
@@ -668,7 +671,7 @@ class SelfHealer:
     def _end_timing(self) -> None:
         started, served, decided = self._marks
         self.timing = {"forward": served - started, "monitor": decided - served,
-                       "adapt": time.perf_counter() - decided}
+                       "adapt": time.perf_counter() - decided + self._check_seconds}
 
     def add_listener(self, listener: Callable[["SelfHealer", DriftReport], None]) -> None:
         """Calls ``listener(healer, report)`` after every served batch (e.g.
@@ -902,7 +905,8 @@ class SelfHealer:
         source_logits = self._source_logits(x)
         self._remember_source(source_logits)
         stats = self._guard_statistics(logits, source_logits)
-        if not self._check_tried and (self._looks_like_run(stats) or self._run_hinted(self._expected_shift(stats))):
+        if not self._check_tried and not self.hold and self.policy.hours_allow() and \
+                (self._looks_like_run(stats) or self._run_hinted(self._expected_shift(stats))):
             # served as diverse (no run suspected before it), but its own
             # class mix hints at one: checked before it is learnt from
             self._check = self._batch_is_diverse(x)

@@ -202,7 +202,16 @@ def test_batch_diversity_is_calibrated_between_diverse_batches_and_runs(task, so
     assert healer._batch_is_diverse(one_class) is False and healer._diverse_entropy > levels["threshold"]
     assert healer._batch_is_diverse(task.sample(64)[0]) is True and healer._diverse_entropy < levels["threshold"]
     assert healer._batch_is_diverse(task.sample(8)[0]) is None  # too few rows to tell
+    # the check uses the batch's statistics alone (no source prior), so a
+    # small batch of one class is not pulled towards "diverse"
+    assert healer._batch_is_diverse(one_class[:16]) is False
     healer.adapters.active = False
+    # trained adapters do not move the check: it re-normalises the source model
+    for x, _ in drift_stream(task, batches=30):
+        healer(x)
+    assert healer.active and healer.steps >= 20
+    healer.adapters.active = True
+    assert healer._batch_is_diverse(one_class) is False
     twin = make_healer(task, source_model, batch_diversity=False)
     twin.load_state_dict(healer.state_dict())
     assert twin._diversity == levels

@@ -423,14 +423,17 @@ def test_runs_of_classes_are_audited_with_the_state_and_staged_statistics_follow
     # approval mode: the staged copy is not stepped on runs, but its
     # statistics follow them slowly, as the served ones do without approval
     staged = _healer(setting, approval=True, proposal_steps=1000)
+    moved = []
     for x, _ in stream:
+        before = None if staged._stage is None else [a.running_mean.clone() for a in staged._stage[1].norm_adapters()]
+        seen = len(staged.events)
         staged(x)
-    assert staged._stage is not None
-    assert any(e.kind == "skip" and e.detail.get("staged") for e in staged.events)
-    _, shadow, _ = staged._stage
-    norms = shadow.norm_adapters()
-    assert norms and any(not torch.equal(a.running_mean, a.source_mean) for a in norms)
-    assert all(a.robust_horizon == staged.config["robust_horizon"] for a in norms)
+        if before is not None and any(e.kind == "skip" and e.detail.get("staged") for e in staged.events[seen:]):
+            after = [a.running_mean for a in staged._stage[1].norm_adapters()]
+            moved.append(any(not torch.equal(b, a) for b, a in zip(before, after)))
+    assert moved and all(moved)  # every staged skip of a run moved the staged statistics
+    norms = staged._stage[1].norm_adapters()
+    assert norms and all(a.robust_horizon == staged.config["robust_horizon"] for a in norms)
 
 
 def test_robust_horizon_reaches_every_copy_of_the_adapters(setting):
@@ -450,7 +453,7 @@ def test_the_bias_guard_also_watches_runs_of_classes(setting):
     # Robust statistics still move during runs (slowly), so the served
     # predictions can drift from the source's there too: the guard sees them.
     stream = _label_ordered()
-    guard = BiasGuard(max_class_shift=0.3)
+    guard = BiasGuard(max_class_shift=1.0)  # never trips: it only has to be fed
     healer = _healer(setting, bias_guard=guard)
     served_while_active = 0
     for x, _ in stream:
