@@ -34,8 +34,17 @@ def _worker(rank, init_file, out_dir):
             if rank == 0 and i == 9:
                 x = x[:0]  # an empty batch still joins the collectives
             healer(x)
+        # classes in runs: the label-shift guard and the batch-statistics
+        # check (collectives) decide for both ranks, also when one rank's
+        # batch is too small to check on its own
+        for label in range(3):
+            for i in range(4):
+                size = 4 if (rank == 1 and label == 1 and i == 2) else 32
+                healer(task.sample(size, corrupt=True, labels=torch.full((size,), label))[0])
         torch.save({"adapters": healer.adapters.state_dict(), "steps": healer.steps, "active": healer.active,
-                    "drift": [e.batch for e in healer.events if e.kind == "activate"]},
+                    "drift": [e.batch for e in healer.events if e.kind == "activate"],
+                    "diversity": healer._diversity,
+                    "decisions": [(e.batch, e.kind) for e in healer.events if e.kind in ("step", "skip")]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -50,6 +59,9 @@ def test_two_ranks_heal_in_lockstep(tmp_path):
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert rank0["active"] and rank1["active"] and rank0["drift"] == rank1["drift"]
     assert rank0["steps"] == rank1["steps"] > 0
+    assert rank0["diversity"] == rank1["diversity"] is not None  # calibrated on merged sums
+    assert rank0["decisions"] == rank1["decisions"]
+    assert any(kind == "skip" for _, kind in rank0["decisions"])
     for name, value in rank0["adapters"].items():
         if "running" in name:  # statistics are each rank's own traffic
             continue
