@@ -1388,11 +1388,12 @@ class SelfHealer:
         return output
 
     def _stage_batch(self, x: torch.Tensor, logits: torch.Tensor, report: DriftReport) -> None:
+        self._check, self._check_tried, self._diverse_entropy = None, False, None
         if self._stage is None:
             if not report.read:
                 return
-            self._track(logits)
             if not report.drift or self.audit_error is not None:
+                self._track(logits)
                 return
             self._start_stage(report)
         else:
@@ -1402,12 +1403,19 @@ class SelfHealer:
             if self.clean_streak >= self._release_after(report) and not report.warming_up:
                 self._end_stage()
                 return
-            self._track(logits)
+        # The label-shift guard, and the batch-statistics check when it says
+        # or hints "run" (as for served batches outside approval mode; the
+        # check re-normalises the source model, whatever version is served).
+        stats = self._guard_statistics(logits, logits)
+        if not self.hold and not self.suspended and self.policy.hours_allow() and \
+                (self._robust_norm() or self._looks_like_run(stats) or self._run_hinted(self._expected_shift(stats))):
+            self._check = self._batch_is_diverse(x)
+        self._track_merged(stats)
         if self.hold or self.suspended or not self._policy_allows():
             return
         if any(p["status"] == "pending" for p in self.proposals.values()):
             return  # one proposal at a time: wait for the decision
-        if self._robust_norm():
+        if self._in_run():
             # classes in runs: no step; the staged statistics follow the
             # stream slowly, as the served ones do outside approval mode
             model, shadow, _ = self._stage
@@ -1415,7 +1423,8 @@ class SelfHealer:
                 shadow.set_robust(True)
                 shadow.set_update_running(True)
                 model(x)
-            self._event("skip", reason="classes arrive in runs", label_shift=self._label_shift, staged=True)
+            self._event("skip", reason="classes arrive in runs", label_shift=self._label_shift, staged=True,
+                        batch_entropy=self._diverse_entropy)
             return
         x = self._gather_small(x)
         if x is None:

@@ -461,3 +461,20 @@ def test_the_bias_guard_also_watches_runs_of_classes(setting):
         served_while_active += x.shape[0] if healer.active else 0
     assert any(e.kind == "skip" and e.detail["reason"] == "classes arrive in runs" for e in healer.events)
     assert guard._seen == served_while_active
+
+
+def test_approval_mode_uses_the_batch_statistics_check(setting):
+    # A drift that collapses the source onto one class looks like a run of
+    # one class to the label-shift guard: the check lets the stage learn
+    # from it, as it does outside approval mode.
+    _, _, stream, _ = setting
+    collapsing = [x * 0.3 + 3.0 for x, _ in stream[:20]]
+    counts = {}
+    for check in (True, False):
+        staged = _healer(setting, approval=True, proposal_steps=1000, batch_diversity=check)
+        for x in collapsing:
+            staged(x)
+        skips = sum(e.kind == "skip" and e.detail.get("staged", False) for e in staged.events)
+        counts[check] = (staged._stage_steps, skips)
+    assert counts[False][1] >= 5  # without the check: a run, waited out
+    assert counts[True][1] < counts[False][1] and counts[True][0] > counts[False][0], counts
