@@ -128,7 +128,7 @@ void write_output_rows(const at::Tensor& out3, const at::Tensor& base3,
 // The activation of a [rows, rank] tile, copied into out (a [rows, rank]
 // view), with ATen's vectorised kernels (the scalar loop was the largest cost
 // of small adapters: erf per element). (The out= variants are not used: into
-// a strided view, gelu.out wrote wrong values with torch 2.13.)
+// a strided view, gelu.out left the view unwritten with torch 2.14.1.)
 void activate_into(at::Tensor out, const at::Tensor& hidden, Activation act) {
   switch (act) {
     case Activation::kRelu:
