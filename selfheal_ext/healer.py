@@ -450,7 +450,6 @@ class SelfHealer:
         inputs = [x for x in inputs if x.shape[0] > 0]
         sums = torch.zeros(4, dtype=torch.float64, device=device)
         size = max((x.shape[0] for x in inputs), default=0)
-        self.adapters.set_update_running(False)
         try:
             for x in inputs:
                 if x.shape[0] >= minimum:
@@ -467,10 +466,7 @@ class SelfHealer:
                         if chunk.shape[0] >= minimum:
                             sums[2:] += self._batch_statistics_entropy(chunk)
         finally:
-            self.adapters.active = False
-            self.adapters.set_update_running(True)
-            self.adapters.set_robust(False)
-            self._to_source()
+            self.adapters.active = False  # (the check itself restores every other flag)
         sums = self._merged(sums)  # every rank gets the same threshold
         if float(sums[1]) == 0 or float(sums[3]) == 0:
             return None
@@ -813,9 +809,7 @@ class SelfHealer:
         rows = float(stats[1])
         if rows < 1:
             return
-        shift = self._batch_shift(stats)
-        if shift is not None:
-            self._label_shift = shift if self._label_shift is None else 0.5 * self._label_shift + 0.5 * shift
+        self._label_shift = self._expected_shift(stats)
         classes = (stats.numel() - 2) // 2
         batch = (stats[2 + classes:] / rows).cpu().clamp_min(1e-8)
         weight = rows / (rows + self.monitor.config["window"])
@@ -829,10 +823,11 @@ class SelfHealer:
 
     def _looks_like_run(self, stats: torch.Tensor) -> bool:
         """Whether the label-shift guard, with this batch's class mix folded
-        in, would treat it as part of a run of classes."""
+        in, would treat it as part of a run of classes, or hint at one."""
         expected = self._expected_shift(stats)
         threshold = self.config["label_shift"]
-        return expected is not None and (expected > threshold or (self._robust and expected >= 0.5 * threshold))
+        return expected is not None and (expected > threshold or (self._robust and expected >= 0.5 * threshold)
+                                         or self._run_hinted(expected))
 
     def _batch_shift(self, stats: torch.Tensor) -> Optional[float]:
         """KL divergence of the batch's source class mix from the recent
@@ -905,8 +900,7 @@ class SelfHealer:
         source_logits = self._source_logits(x)
         self._remember_source(source_logits)
         stats = self._guard_statistics(logits, source_logits)
-        if not self._check_tried and not self.hold and self.policy.hours_allow() and \
-                (self._looks_like_run(stats) or self._run_hinted(self._expected_shift(stats))):
+        if not self._check_tried and not self.hold and self.policy.hours_allow() and self._looks_like_run(stats):
             # served as diverse (no run suspected before it), but its own
             # class mix hints at one: checked before it is learnt from
             self._check = self._batch_is_diverse(x)
@@ -1408,7 +1402,7 @@ class SelfHealer:
         # check re-normalises the source model, whatever version is served).
         stats = self._guard_statistics(logits, logits)
         if not self.hold and not self.suspended and self.policy.hours_allow() and \
-                (self._robust_norm() or self._looks_like_run(stats) or self._run_hinted(self._expected_shift(stats))):
+                (self._robust_norm() or self._looks_like_run(stats)):
             self._check = self._batch_is_diverse(x)
         self._track_merged(stats)
         if self.hold or self.suspended or not self._policy_allows():
