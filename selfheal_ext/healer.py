@@ -369,6 +369,9 @@ class SelfHealer:
         self._check_tried = False
         self._batch_information: Optional[float] = None
         self._check_seconds = 0.0
+        # the served forward's autograd graph, kept for this batch's step
+        self._served_graph = None
+        self._plain_output = False
         self._pending: List[torch.Tensor] = []
         if getattr(self, "_reference_probs", None) is not None:
             self._long_probs = self._reference_probs.clone()
@@ -650,7 +653,7 @@ class SelfHealer:
         # The monitor's read_every spares dormant serving; every batch is
         # read while the adapters work (release and guards need each one).
         self.monitor.read_all = self.active or self.suspended
-        output, logits, report = self._served_forward(x)
+        output, logits, report = self._served_forward(x, keep_graph=self._step_expected(x, held))
         if self.rules or self.bias_guard is not None:
             self._remember(x)
         if self.active or self.suspended:
@@ -663,8 +666,19 @@ class SelfHealer:
                 self._activate(report)
                 output, logits = self._serve_onset(x, output, logits)
                 self._after_batch(x, logits, report)
+        self._served_graph = None  # (a step took it, or none was taken)
         self._end_timing()
         return output
+
+    def _step_expected(self, x: torch.Tensor, held: bool) -> bool:
+        """Whether this batch will be learnt from inline, as far as is known
+        before it is served: its served forward then records the autograd
+        graph the step reuses (one forward pass fewer per step). The served
+        values are the same either way."""
+        return (self.active and not self.suspended and not self.hold and not held and self.audit_error is None
+                and self.config["mode"] == "inline" and self.optimizer is not None and self._plain_output
+                and not self._in_run() and x.dim() > 0 and x.shape[0] >= self.config["min_step_samples"]
+                and x.is_floating_point())
 
     def _serve_onset(self, x: torch.Tensor, output, logits: torch.Tensor):
         """The batch that activated the adapters was served by the source
@@ -686,13 +700,22 @@ class SelfHealer:
             output = self.model(x)
         return output, self._logits(output).detach()
 
-    def _served_forward(self, x: torch.Tensor):
+    def _served_forward(self, x: torch.Tensor, keep_graph: bool = False):
         """The served forward pass (counted by the monitor) and its decision:
-        ``(output, detached logits, report)``; marks the phase times."""
+        ``(output, detached logits, report)``; marks the phase times. With
+        ``keep_graph`` the forward records the adapters' autograd graph for
+        this batch's step (``_served_graph``); the output returned is detached."""
         started = time.perf_counter()
         self.batch_samples = int(x.shape[0]) if x.dim() else 1  # samples in the batch being served
-        with torch.no_grad(), self.monitor.watching():
+        self._served_graph = None
+        with torch.set_grad_enabled(keep_graph), self.monitor.watching():
             output = self.model(x)
+        # (only a plain tensor output is ever served from a recorded graph:
+        # it is detached here, and nothing else can hold on to the graph)
+        self._plain_output = isinstance(output, torch.Tensor)
+        if keep_graph and self._plain_output:
+            self._served_graph = (x, output)
+            output = output.detach()
         served = time.perf_counter()
         report = self._read(output)
         self._marks = (started, served, time.perf_counter())
@@ -1252,7 +1275,14 @@ class SelfHealer:
                                 bound=limit, action="steps refused until the rate allows")
             elif self._policy_blocked == "rate":
                 self._policy_blocked = None
-        x = x[_finite_rows(x)]
+        # The served forward of this very batch recorded its graph (inline,
+        # every row finite): the step starts from it instead of a forward of
+        # its own. Same values: the served forward normalised with the same
+        # statistics, and no weight has changed since.
+        served, self._served_graph = self._served_graph, None
+        finite = _finite_rows(x)
+        reuse = served is not None and model is self.model and served[0] is x and bool(finite.all())
+        x = x if reuse else x[finite]
         parameters = dict(adapters.named_parameters())
         count, loss = 0, None
         optimizer.zero_grad(set_to_none=True)
@@ -1266,7 +1296,7 @@ class SelfHealer:
                     for p in parameters.values():
                         p.requires_grad_(True)
                     try:
-                        loss, count = self._loss(model(x), parameters, x, model, adapters)
+                        loss, count = self._loss(served[1] if reuse else model(x), parameters, x, model, adapters)
                     except RuleError as error:
                         skip, loss, count = str(error), None, 0
                     if loss is not None and bool(torch.isfinite(loss)) and count:

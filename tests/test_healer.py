@@ -411,3 +411,31 @@ def test_read_every_with_a_process_group_is_refused(task, source_model):
     with pytest.raises(ValueError, match="read_every > 1 with a process_group"):
         SelfHealer(copy.deepcopy(source_model), process_group=object(),
                    monitor_options=dict(MONITOR, read_every=2, false_alarm_every=400))
+
+
+def test_the_step_reuses_the_served_forward_with_the_same_result(task, source_model, monkeypatch):
+    # Inline, the served forward of a batch about to be learnt from records
+    # its graph and the step starts from it: one forward fewer, and exactly
+    # what a separate step forward gives (same statistics, same weights).
+    stream = drift_stream(task, batches=16)
+    stream[9] = (stream[9][0].clone(), stream[9][1])
+    stream[9][0][3, 0] = float("nan")  # a batch with a non-finite row: the step forwards its finite rows itself
+    reused, forwards = make_healer(Task(), source_model), []  # (both calibrated on the same batches)
+    original = SelfHealer._step
+
+    def counting_step(self, x, *args, **kwargs):
+        forwards.append(self._served_graph is not None)
+        return original(self, x, *args, **kwargs)
+    monkeypatch.setattr(SelfHealer, "_step", counting_step)
+    outputs = [reused(x) for x, _ in stream]
+    monkeypatch.setattr(SelfHealer, "_step", original)
+    separate = make_healer(Task(), source_model)
+    monkeypatch.setattr(separate, "_step_expected", lambda x, held: False)
+    expected = [separate(x) for x, _ in stream]
+    assert reused.steps == separate.steps >= 10 and sum(forwards) >= 10
+    for got, want in zip(outputs, expected):
+        assert not got.requires_grad and got.grad_fn is None
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # (the NaN row stays NaN)
+    for (name, p), q in zip(reused.adapters.named_parameters(), separate.adapters.parameters()):
+        assert torch.equal(p, q), name
+    assert reused._served_graph is None  # nothing is held on to between batches
