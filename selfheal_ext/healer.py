@@ -47,6 +47,11 @@ from .taps import default_taps
 _EVENT_LIMIT = 10_000
 _MAX_EPISODE_TRIPS = 3
 _KEEP_VERSIONS = 20
+# Serving code often runs under torch.inference_mode(). The healer's public
+# entry points switch it off: tensors they create (adapters, statistics,
+# versions) must stay normal tensors, updated in place and used by autograd
+# later; an inference-mode input is copied once (``__call__``, ``calibrate``).
+_outside_inference_mode = torch.inference_mode(False)
 # Where the batch-statistics check's threshold sits between the information
 # level of runs of one class (0) and of healthy batches of many classes (1).
 # Runs stay at their level under any drift, while drifted batches of many
@@ -153,6 +158,7 @@ class SelfHealer:
             batches — what ``selfheal report`` plots (None: none).
     """
 
+    @_outside_inference_mode
     def __init__(
         self,
         model: nn.Module,
@@ -394,13 +400,15 @@ class SelfHealer:
         return HealStatus(self.active, self.version, self.steps, self.learning_rate, self.selected_last_step,
                           self.guard_trips, any(a.robust for a in self.adapters.norm_adapters()))
 
+    @_outside_inference_mode
     def calibrate(self, batches: Iterable, **monitor_kwargs):
         """Calibrates the monitor on healthy ``batches`` (inputs, or ``(x, y)``
         pairs whose labels only fit the accuracy estimate's temperature) and
         estimates the Fisher information of the adapter parameters from the
         model's own pseudo-labels on the same data. Returns the monitor's
         ``CalibrationReport``."""
-        batches = list(batches)
+        # (the Fisher estimate needs autograd, which inference tensors cannot enter)
+        batches = [_tree_clone(b) if _has_inference_tensor(b) else b for b in batches]
         with self._lock:
             self._stop_worker()
             self._expire_logged_proposals("calibrate")
@@ -613,6 +621,7 @@ class SelfHealer:
 
     # ------------------------------------------------------------- serving
 
+    @_outside_inference_mode
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Predicts ``x``, updates the monitor, and — if drift is active —
         adapts on ``x`` after predicting. Returns the model's output for ``x``."""
@@ -620,6 +629,8 @@ class SelfHealer:
             raise RuntimeError("selfheal: SelfHealer called before calibrate(); calibrate on healthy data first")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"selfheal: SelfHealer takes a tensor batch, got {type(x).__name__}")
+        if x.is_inference():
+            x = x.clone()  # (a step needs autograd, which inference tensors cannot enter)
         with self._lock:
             output = self._serve_approved(x) if self.config["approval"] else self._serve(x)
             report = self.drift
@@ -1885,6 +1896,7 @@ class SelfHealer:
         with self._lock:
             return self._snapshot(good=True)
 
+    @_outside_inference_mode
     def rollback(self, version, reason: str = "requested") -> int:
         """Restores adapter ``version`` exactly: a version number of this
         healer (0: the source model, dormant) or the ``state_hash`` of any
@@ -1935,6 +1947,7 @@ class SelfHealer:
         if self.active and self.config["mode"] == "deferred":
             self._start_worker()
 
+    @_outside_inference_mode
     def reset(self) -> None:
         """Back to the source model exactly: adapters dormant and re-initialised,
         optimizer, guards and monitor window cleared (the calibration is kept)."""
@@ -2010,6 +2023,7 @@ class SelfHealer:
                 },
             }
 
+    @_outside_inference_mode
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         with self._lock:
             self._stop_worker()
@@ -2088,6 +2102,15 @@ class SelfHealer:
                 self._sync_proposals_with_log()
             if self.active and self.config["mode"] == "deferred":
                 self._start_worker()
+
+
+def _tree_clone(value):
+    """Copies of the tensors in ``value`` (nested lists, tuples, dicts)."""
+    return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, value)
+
+
+def _has_inference_tensor(value) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_inference() for t in torch.utils._pytree.tree_leaves(value))
 
 
 def _finite_rows(x: torch.Tensor) -> torch.Tensor:

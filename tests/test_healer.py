@@ -439,3 +439,25 @@ def test_the_step_reuses_the_served_forward_with_the_same_result(task, source_mo
     for (name, p), q in zip(reused.adapters.named_parameters(), separate.adapters.parameters()):
         assert torch.equal(p, q), name
     assert reused._served_graph is None  # nothing is held on to between batches
+
+
+def test_serving_under_inference_mode_heals_as_usual(source_model):
+    # Serving code often wraps inference in torch.inference_mode(): the
+    # healer calibrates, serves and steps there exactly as outside it.
+    stream = drift_stream(Task(), batches=10)
+    model = copy.deepcopy(source_model)  # (a model whose own weights are inference tensors cannot be healed)
+    with torch.inference_mode():
+        inside = SelfHealer(model, monitor_options=MONITOR)
+        sampler = Task()
+        inside.calibrate([sampler.sample(64)[0] for _ in range(24)])
+        outputs = [inside(x) for x, _ in stream]
+        steps, active = inside.steps, inside.active
+        inside.reset()
+        state = inside.state_dict()
+    inside.load_state_dict(state)
+    assert torch.equal(inside(stream[0][0]), outputs[0])  # the healer is usable outside inference mode too
+    outside = make_healer(Task(), source_model)
+    expected = [outside(x) for x, _ in stream]
+    assert active and steps == outside.steps >= 5
+    for got, want in zip(outputs, expected):
+        assert not got.is_inference() and torch.equal(got, want)
