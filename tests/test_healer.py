@@ -420,25 +420,39 @@ def test_the_step_reuses_the_served_forward_with_the_same_result(task, source_mo
     stream = drift_stream(task, batches=16)
     stream[9] = (stream[9][0].clone(), stream[9][1])
     stream[9][0][3, 0] = float("nan")  # a batch with a non-finite row: the step forwards its finite rows itself
-    reused, forwards = make_healer(Task(), source_model), []  # (both calibrated on the same batches)
-    original = SelfHealer._step
 
-    def counting_step(self, x, *args, **kwargs):
-        forwards.append(self._served_graph is not None)
-        return original(self, x, *args, **kwargs)
-    monkeypatch.setattr(SelfHealer, "_step", counting_step)
-    outputs = [reused(x) for x, _ in stream]
-    monkeypatch.setattr(SelfHealer, "_step", original)
+    def serve(healer):
+        forwards = []
+        healer.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+        return [healer(x) for x, _ in stream], len(forwards)
+    reused = make_healer(Task(), source_model)  # (both calibrated on the same batches)
     separate = make_healer(Task(), source_model)
     monkeypatch.setattr(separate, "_step_expected", lambda x, held: False)
-    expected = [separate(x) for x, _ in stream]
-    assert reused.steps == separate.steps >= 10 and sum(forwards) >= 10
+    outputs, reused_forwards = serve(reused)
+    expected, separate_forwards = serve(separate)
+    assert reused.steps == separate.steps >= 10
+    # every step but the onset batch's and the non-finite batch's reused its served forward
+    assert separate_forwards - reused_forwards == reused.steps - 2
     for got, want in zip(outputs, expected):
         assert not got.requires_grad and got.grad_fn is None
         torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)  # (the NaN row stays NaN)
     for (name, p), q in zip(reused.adapters.named_parameters(), separate.adapters.parameters()):
         assert torch.equal(p, q), name
     assert reused._served_graph is None  # nothing is held on to between batches
+
+
+def test_no_graph_is_kept_for_a_step_the_rate_limit_refuses(source_model):
+    healer = make_healer(Task(), source_model, max_steps_per_minute=3)
+    kept = []
+    original = SelfHealer._served_forward
+
+    def watching(self, x, keep_graph=False):
+        kept.append(keep_graph)
+        return original(self, x, keep_graph)
+    healer._served_forward = watching.__get__(healer)
+    for x, _ in drift_stream(Task(), batches=12):
+        healer(x)
+    assert healer.steps == 3 and sum(kept) <= 3
 
 
 def test_serving_under_inference_mode_heals_as_usual(source_model):
