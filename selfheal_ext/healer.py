@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import os
 import queue
@@ -47,11 +48,6 @@ from .taps import default_taps
 _EVENT_LIMIT = 10_000
 _MAX_EPISODE_TRIPS = 3
 _KEEP_VERSIONS = 20
-# Serving code often runs under torch.inference_mode(). The healer's public
-# entry points switch it off: tensors they create (adapters, statistics,
-# versions) must stay normal tensors, updated in place and used by autograd
-# later; an inference-mode input is copied once (``__call__``, ``calibrate``).
-_outside_inference_mode = torch.inference_mode(False)
 # Where the batch-statistics check's threshold sits between the information
 # level of runs of one class (0) and of healthy batches of many classes (1).
 # Runs stay at their level under any drift, while drifted batches of many
@@ -59,6 +55,23 @@ _outside_inference_mode = torch.inference_mode(False)
 # on the "many classes" side. Chosen on the benchmark's seed 0, confirmed on
 # seed 1 (docs/architecture.md).
 _CHECK_SPLIT = 0.3
+
+
+def _outside_inference_mode(method):
+    """Serving code often runs under ``torch.inference_mode()``. The
+    healer's public entry points switch it off: tensors they create
+    (adapters, statistics, versions) must stay normal tensors, updated in
+    place and used by autograd later; an inference-mode input is copied once
+    (``__call__``, ``calibrate``). Gradients stay off, as inference mode had
+    them (the healer enables them itself where it needs them); outside
+    inference mode nothing changes."""
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return method(*args, **kwargs)
+        with torch.inference_mode(False), torch.no_grad():
+            return method(*args, **kwargs)
+    return run
 
 
 @dataclass
@@ -778,7 +791,7 @@ class SelfHealer:
                 if listener in self._listeners:
                     self._listeners.remove(listener)
                 warnings.warn(f"selfheal: listener {listener!r} raised {type(error).__name__}: {error}; removed",
-                              RuntimeWarning, stacklevel=4)  # (_notify, __call__, its decorator)
+                              RuntimeWarning, stacklevel=4)  # (_notify, __call__, its decorator's wrapper)
 
     def _read(self, output) -> DriftReport:
         """The monitor's decision for the batch just served; the onset of an
@@ -2089,7 +2102,7 @@ class SelfHealer:
             if diversity is not None and diversity.get("measure") != "information":
                 warnings.warn("selfheal: this state's batch-statistics check levels come from an older version "
                               "(entropy, not information); the check is off until calibrate() runs again",
-                              RuntimeWarning, stacklevel=3)  # (the decorator's frame)
+                              RuntimeWarning, stacklevel=3)  # (the decorator's wrapper)
                 diversity = None
             self._diversity = None if diversity is None else \
                 {k: (v if k == "measure" else float(v)) for k, v in diversity.items()}

@@ -475,3 +475,21 @@ def test_serving_under_inference_mode_heals_as_usual(source_model):
     assert active and steps == outside.steps >= 5
     for got, want in zip(outputs, expected):
         assert not got.is_inference() and torch.equal(got, want)
+
+
+def test_entry_points_keep_the_callers_grad_mode_outside_inference_mode(source_model):
+    healer = make_healer(Task(), source_model)
+    seen = []
+    original = SelfHealer._serve
+
+    def serve(self, x):
+        seen.append(torch.is_grad_enabled())
+        return original(self, x)
+    healer._serve = serve.__get__(healer)
+    x = Task().sample(64)[0]
+    with torch.no_grad():
+        healer(x)
+    healer(x)
+    with torch.inference_mode():
+        healer(x)
+    assert seen == [False, True, False]
