@@ -497,8 +497,9 @@ class SelfHealer:
         On the tests' task, calibrated at 64 rows: at 16 rows 4 of 30 healthy
         batches are taken for runs and 2 of 30 runs pass, at 64 none. (Each
         level followed to the batch size, fitted through half-size chunks,
-        was tried: 0 and 7 of 30 at 16 rows, the wrong way round.) None when batch statistics do not erase the class
-        signal (no room between the two levels)."""
+        was tried: 0 and 7 of 30 at 16 rows, the wrong way round.) None when
+        batch statistics do not erase the class signal (no room between the
+        two levels)."""
         minimum = self._diversity_rows()
         if minimum is None:
             return None
