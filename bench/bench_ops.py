@@ -104,15 +104,15 @@ def compile_reference(fn):
     return torch.compile(fn, dynamic=False)
 
 
-def build_adapter(device, shape, channels_first, backward, dtype=torch.float32):
+def build_adapter(device, shape, channels_first, backward, dtype=torch.float32, rank=ADAPTER_RANK):
     channels = shape[1] if channels_first else shape[-1]
     x = torch.randn(shape, device=device, dtype=dtype)
     params = {
-        "down_weight": torch.randn(ADAPTER_RANK, channels, device=device, dtype=dtype)
+        "down_weight": torch.randn(rank, channels, device=device, dtype=dtype)
         / math.sqrt(channels),
-        "up_weight": torch.randn(channels, ADAPTER_RANK, device=device, dtype=dtype)
-        / math.sqrt(ADAPTER_RANK),
-        "down_bias": 0.1 * torch.randn(ADAPTER_RANK, device=device, dtype=dtype),
+        "up_weight": torch.randn(channels, rank, device=device, dtype=dtype)
+        / math.sqrt(rank),
+        "down_bias": 0.1 * torch.randn(rank, device=device, dtype=dtype),
         "scale": 1 + 0.1 * torch.randn(channels, device=device, dtype=dtype),
         "shift": 0.1 * torch.randn(channels, device=device, dtype=dtype),
     }
@@ -151,7 +151,7 @@ def build_adapter(device, shape, channels_first, backward, dtype=torch.float32):
         min_bytes=min_bytes,
         sizes={
             "x": list(shape),
-            "rank": ADAPTER_RANK,
+            "rank": rank,
             "activation": "gelu",
             "channels_first": channels_first,
             "scale_shift_bias": True,
@@ -260,6 +260,16 @@ def case_table(device: torch.device, quick: bool) -> list:
                 partial(build_adapter, shape=shape, channels_first=channels_first,
                         backward=backward),
             ))
+
+    # the healer's own sizes: the bench_heal digits CNN's first adapted map
+    # (rank 4) and an MLP's hidden layer (rank 8), one batch of 64, where
+    # per-call overheads weigh as much as the arithmetic
+    for layout, shape, channels_first, rank in (("cf", (64, 16, 16, 16), True, 4), ("cl", (64, 128), False, 8)):
+        cases.append(Case(
+            f"adapter fwd+bwd {layout} x{shape_text(shape)} r{rank} fp32 (healer-sized)",
+            adapter_kernels[True],
+            partial(build_adapter, shape=shape, channels_first=channels_first, backward=True, rank=rank),
+        ))
 
     entropy_dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     for dtype in entropy_dtypes:
