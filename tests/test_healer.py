@@ -464,7 +464,7 @@ def test_serving_under_inference_mode_heals_as_usual(source_model):
         inside = SelfHealer(model, monitor_options=MONITOR)
         sampler = Task()
         inside.calibrate([sampler.sample(64)[0] for _ in range(24)])
-        outputs = [inside(x) for x, _ in stream]
+        outputs = [inside(x.clone()) for x, _ in stream]  # (inference tensors, as served there)
         steps, active = inside.steps, inside.active
         inside.reset()
         state = inside.state_dict()
