@@ -421,7 +421,7 @@ class SelfHealer:
         model's own pseudo-labels on the same data. Returns the monitor's
         ``CalibrationReport``."""
         # (the Fisher estimate needs autograd, which inference tensors cannot enter)
-        batches = [_tree_clone(b) if _has_inference_tensor(b) else b for b in batches]
+        batches = [_map_tensors(torch.Tensor.clone, b) if _has_inference_tensor(b) else b for b in batches]
         with self._lock:
             self._stop_worker()
             self._expire_logged_proposals("calibrate")
@@ -472,16 +472,16 @@ class SelfHealer:
                                                                    device=entropy.device)]), probs.sum(dim=0)])
 
     @staticmethod
-    def _information(sums: torch.Tensor) -> float:
+    def _information(sums: torch.Tensor) -> torch.Tensor:
         """What a batch's predictions say about which of its rows is which
         class: the entropy of their mean minus their mean entropy (the mutual
         information between row and predicted class), normalised by ln C.
         Near 0 when every row gets the same prediction (a run of one class
         re-normalised with its own statistics: the class signal is gone)."""
-        rows = float(sums[1])
+        rows = sums[1]
         mean = (sums[2:] / rows).clamp_min(1e-12)
-        spread = float(-(mean * mean.log()).sum()) / math.log(max(mean.numel(), 2))
-        return spread - float(sums[0]) / rows
+        spread = -(mean * mean.log()).sum() / math.log(max(mean.numel(), 2))
+        return spread - sums[0] / rows  # (0-d, on the batch's device: no host read)
 
     def _calibrate_diversity(self, batches) -> Optional[Dict[str, float]]:
         """The information in batch-statistics predictions (``_information``)
@@ -515,8 +515,8 @@ class SelfHealer:
             if x.shape[0] >= minimum:
                 sums = self._batch_statistics_sums(x)
                 if float(sums[1]) >= minimum:  # (rows whose predictions are finite)
-                    levels[slot: slot + 2] += torch.tensor([self._information(sums), 1.0], dtype=torch.float64,
-                                                           device=device)
+                    levels[slot] += self._information(sums)
+                    levels[slot + 1] += 1.0
         try:
             for x in inputs:
                 measure(x, 0)
@@ -554,12 +554,11 @@ class SelfHealer:
         if self._diversity is None or minimum is None:
             return None
         local = torch.zeros(2, dtype=torch.float64, device=self._device())
-        finite = int(_finite_rows(x).sum()) if x.dim() and x.shape[0] else 0
-        if finite >= minimum:
+        if x.dim() and x.shape[0] >= minimum:
             sums = self._batch_statistics_sums(x)
-            if float(sums[1]) >= minimum:  # (rows whose predictions are finite)
-                local += torch.tensor([self._information(sums), 1.0], dtype=torch.float64, device=local.device)
-        merged = self._merged(local).tolist()
+            valid = sums[1] >= minimum  # (rows whose predictions are finite)
+            local = torch.stack([torch.where(valid, self._information(sums), 0.0), valid.double()])
+        merged = self._merged(local).tolist()  # (the check's one host read)
         if merged[1] == 0:
             return None
         self._batch_information = merged[0] / merged[1]
@@ -715,15 +714,21 @@ class SelfHealer:
         before it is served: its served forward then records the autograd
         graph the step reuses (one forward pass fewer per step). The served
         values are the same either way."""
-        limit = self.policy.max_steps_per_minute
-        if limit is not None:
-            now = time.monotonic()
-            if sum(now - t < 60.0 for t in self._step_times) >= limit:
-                return False  # the rate limit will refuse the step
+        if self._rate_exhausted(time.monotonic()):
+            return False  # the rate limit will refuse the step
         return (self.active and not self.suspended and not self.hold and not held and self.audit_error is None
                 and self.config["mode"] == "inline" and self.optimizer is not None and self._plain_output
                 and not self._in_run() and x.dim() > 0 and x.shape[0] >= self.config["min_step_samples"]
                 and x.is_floating_point())
+
+    def _rate_exhausted(self, now: float) -> bool:
+        """Whether the policy's steps-per-minute cap is reached (the step
+        times of the last minute are kept, older ones dropped)."""
+        limit = self.policy.max_steps_per_minute
+        if limit is None:
+            return False
+        self._step_times = [t for t in self._step_times if now - t < 60.0]
+        return len(self._step_times) >= limit
 
     def _serve_onset(self, x: torch.Tensor, output, logits: torch.Tensor):
         """The batch that activated the adapters was served by the source
@@ -762,8 +767,7 @@ class SelfHealer:
             self._served_graph = (x, output)
             output = output.detach()
         elif keep_graph:  # (the output's type changed since the last batch: nothing reused)
-            output = torch.utils._pytree.tree_map(
-                lambda t: t.detach() if isinstance(t, torch.Tensor) else t, output)
+            output = _map_tensors(torch.Tensor.detach, output)
         served = time.perf_counter()
         report = self._read(output)
         self._marks = (started, served, time.perf_counter())
@@ -1314,8 +1318,7 @@ class SelfHealer:
         now = time.monotonic()
         skip = None
         if limit is not None:
-            self._step_times = [t for t in self._step_times if now - t < 60.0]
-            if len(self._step_times) >= limit:
+            if self._rate_exhausted(now):
                 skip = "rate limit"
                 if self._policy_blocked != "rate":
                     self._policy_blocked = "rate"
@@ -2141,9 +2144,9 @@ class SelfHealer:
                 self._start_worker()
 
 
-def _tree_clone(value):
-    """Copies of the tensors in ``value`` (nested lists, tuples, dicts)."""
-    return torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, value)
+def _map_tensors(function, value):
+    """``value`` (nested lists, tuples, dicts) with ``function`` applied to each tensor."""
+    return torch.utils._pytree.tree_map(lambda t: function(t) if isinstance(t, torch.Tensor) else t, value)
 
 
 def _has_inference_tensor(value) -> bool:
