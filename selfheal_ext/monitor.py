@@ -14,11 +14,15 @@ window of recent data with a healthy reference fixed by ``calibrate``:
   of the batch's binned features plus its mean entropy, standardised) reacts to
   small persistent shifts; its threshold comes from the same false-alarm budget
   (Brook–Evans average run length on the bootstrap score distribution).
+* **batch test**: the same per-batch score, alone, against a two-sided limit
+  at the budget's level (a Shewhart limit beside the CUSUM): a large shift
+  alarms on its first batch, even right after ``reset`` while the window is
+  still filling.
 * **non-finite surge**: batches with more NaN/Inf samples than the reference
   rate allows (binomial tail at the same budget).
 
-The false-alarm budget ``1 / false_alarm_every`` per batch is split 85 % window
-test, 5 % each CUSUM side, 5 % non-finite test.
+The false-alarm budget ``1 / false_alarm_every`` per batch is split 80 % window
+test, 5 % batch test, 5 % each CUSUM side, 5 % non-finite test.
 
 ``read_every=k`` reads one served batch in ``k`` (the taps are detached on
 the others): the cost of watching falls ``k``-fold, the tests run at the level of
@@ -32,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -44,7 +49,7 @@ from .taps import (POOLINGS, Tap, TapSpec, apply_sketch, first_tensor, pool_feat
 from .thresholds import binomial_upper_tail, cusum_threshold, fit_temperature, upper_quantile
 from .windows import ExponentialWindow, SlidingWindow
 
-_BUDGET_WINDOW, _BUDGET_CUSUM_SIDE, _BUDGET_NONFINITE = 0.85, 0.05, 0.05
+_BUDGET_WINDOW, _BUDGET_BATCH, _BUDGET_CUSUM_SIDE, _BUDGET_NONFINITE = 0.80, 0.05, 0.05, 0.05
 _ENTROPY_TAIL_QUANTILE = 0.9
 # Float64 sums kept per batch beside the integer histogram tables: entropy and
 # calibrated confidence of the rows with finite logits, rows whose entropy is
@@ -114,6 +119,7 @@ class CalibrationReport:
     reference_accuracy: Optional[float] = None
     tail_extrapolated: bool = False
     notes: List[str] = field(default_factory=list)
+    batch_threshold: float = math.inf
 
 
 class DriftMonitor:
@@ -544,7 +550,8 @@ class DriftMonitor:
         self.calibration = CalibrationReport(
             samples=kept, dropped_nonfinite=dropped, batch_size=batch,
             features=dict(zip(names, widths)), window_threshold=self.window_threshold,
-            cusum_threshold=self.cusum_threshold, bootstrap_windows=self._bootstrap_windows,
+            cusum_threshold=self.cusum_threshold, batch_threshold=self.batch_threshold,
+            bootstrap_windows=self._bootstrap_windows,
             reference_entropy=self.reference_entropy, reference_confidence=self.reference_confidence,
             temperature=self.temperature, reference_accuracy=reference_accuracy,
             tail_extrapolated=self._tail_extrapolated, notes=notes)
@@ -661,6 +668,15 @@ class DriftMonitor:
         self.cusum_threshold = max(cusum_threshold(scores + offset - allowance, run_length),
                                    cusum_threshold(-scores + offset - allowance, run_length))
         self.cusum_batch_size = batch
+        # The batch test (a Shewhart limit beside the CUSUM): one batch whose
+        # score alone is this far out alarms at once. The CUSUM is tuned for
+        # small persistent shifts and needs several batches even for a large
+        # one; the window test needs a full window after every reset. Two
+        # sides, each half the batch test's share, with the same pessimistic
+        # offset as the CUSUM.
+        side_alpha = 0.5 * _BUDGET_BATCH / self._reads_between_alarms
+        self.batch_threshold = max(upper_quantile(scores + offset, side_alpha),
+                                   upper_quantile(-scores + offset, side_alpha))
 
     def _move_to_device(self) -> None:
         device = self.device
@@ -840,6 +856,8 @@ class DriftMonitor:
         reasons = []
         if not warming_up and score > self.window_threshold:
             reasons.append("window")
+        if abs(batch_score) > self.batch_threshold:
+            reasons.append("batch")
         for side, name in enumerate(("cusum_up", "cusum_down")):
             if self.cusum[side] > self.cusum_threshold:
                 reasons.append(name)
@@ -946,6 +964,7 @@ class DriftMonitor:
             "tail_extrapolated": self._tail_extrapolated,
             "score_mean": self._score_mean.cpu(), "score_std": self._score_std.cpu(),
             "score_scale": self._score_scale, "cusum_threshold": self.cusum_threshold,
+            "batch_threshold": self.batch_threshold,
             "cusum_batch_size": self.cusum_batch_size, "nonfinite_rate": self.nonfinite_rate,
             "window_state": _to_cpu(self._window.state_dict()), "cusum": list(self.cusum),
             "batches_seen": self.batches_seen, "alarms": self.alarms,
@@ -1007,6 +1026,14 @@ class DriftMonitor:
         self._score_mean, self._score_std = state["score_mean"].clone(), state["score_std"].clone()
         self._score_scale = float(state["score_scale"])
         self.cusum_threshold = float(state["cusum_threshold"])
+        if "batch_threshold" in state:
+            self.batch_threshold = float(state["batch_threshold"])
+            if not self.batch_threshold > 0:  # (NaN included)
+                raise ValueError(f"selfheal: state has a corrupt 'batch_threshold' ({self.batch_threshold})")
+        else:  # saved before the batch test existed: its limit needs the calibration data
+            self.batch_threshold = math.inf
+            warnings.warn("selfheal: this DriftMonitor state predates the per-batch test; it stays off "
+                          "until calibrate() is run again", RuntimeWarning, stacklevel=2)
         self.cusum_batch_size = int(state["cusum_batch_size"])
         self.nonfinite_rate = float(state["nonfinite_rate"])
         self._nonfinite_limit_cache = {}

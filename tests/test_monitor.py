@@ -112,6 +112,44 @@ def test_small_persistent_shift_is_caught_by_cusum():
     assert reasons
 
 
+def test_a_large_shift_alarms_on_its_first_batch_while_the_window_fills():
+    monitor, report = _calibrated()
+    assert math.isfinite(report.batch_threshold) and report.batch_threshold == monitor.batch_threshold
+    # the per-batch test's false-alarm share: under the CUSUM's threshold, above
+    # the limit a standard normal crosses once per 100,000 batches (two sides)
+    assert 4.4 < monitor.batch_threshold < monitor.cusum_threshold
+    for x in _stream(300, 32, seed=2):  # (clean: never past the limit)
+        monitor(x)
+        assert "batch" not in monitor.last_report.reasons
+    monitor.reset()
+    monitor(_stream(1, 32, seed=4, shift=2.0)[0])
+    first = monitor.last_report
+    assert first.warming_up and first.drift and first.reasons == ("batch",), first
+    assert max(first.cusum) < monitor.cusum_threshold  # (the CUSUM alone would still wait)
+    # the same batch scored inside the limit does not alarm on this test
+    monitor.reset()
+    monitor.batch_threshold = math.inf
+    monitor(_stream(1, 32, seed=4, shift=2.0)[0])
+    assert not monitor.last_report.drift
+
+
+def test_states_saved_before_the_batch_test_load_with_it_off():
+    monitor, _ = _calibrated()
+    state = monitor.state_dict()
+    assert state["batch_threshold"] == monitor.batch_threshold
+    old = {key: value for key, value in state.items() if key != "batch_threshold"}
+    restored = sh.DriftMonitor(_mlp(), window=64, false_alarm_every=100_000, bootstrap=2000)
+    with pytest.warns(RuntimeWarning, match="predates the per-batch test"):
+        restored.load_state_dict(old)
+    assert restored.batch_threshold == math.inf
+    restored(_stream(1, 32, seed=4, shift=2.0)[0])
+    assert "batch" not in restored.last_report.reasons
+    for bad in (float("nan"), -1.0, 0.0):
+        with pytest.raises(ValueError, match="batch_threshold"):
+            sh.DriftMonitor(_mlp(), window=64, false_alarm_every=100_000,
+                            bootstrap=2000).load_state_dict(dict(state, batch_threshold=bad))
+
+
 def test_signals_match_the_bootstrap_computation():
     monitor, _ = _calibrated()
     for x in _stream(5, 32, seed=6, shift=0.3):
