@@ -55,6 +55,11 @@ _KEEP_VERSIONS = 20
 # on the "many classes" side. Chosen on the benchmark's seed 0, confirmed on
 # seed 1 (docs/architecture.md).
 _CHECK_SPLIT = 0.3
+# The check's second measure, the spread of the rows at the last BatchNorm
+# layer (see _batch_statistics_sums): used where calibration separates runs
+# from healthy batches by at least this many standard deviations (d'), with
+# its threshold half-way between their levels.
+_SPREAD_SEPARATION, _SPREAD_SPLIT = 5.0, 0.5
 
 
 def _outside_inference_mode(method):
@@ -442,18 +447,34 @@ class SelfHealer:
             return None
         return max(8, max(a.min_batch for a in norms))
 
-    def _batch_statistics_sums(self, x: torch.Tensor) -> torch.Tensor:
+    def _batch_statistics_sums(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``[sum of entropies, rows, sum of probability vectors]`` of ``x``'s
         finite rows predicted with every BatchNorm on this batch's own
         statistics (no source prior, whatever the batch size) and no other
         adapter applied: the source model re-normalised, as at calibration,
         however far the trained adapters have moved. Entropies normalised by
-        ln C; float64 sums, so ranks merge them by adding. Unseen by the
-        monitor, running statistics untouched."""
+        ln C; float64 sums. Unseen by the monitor, running statistics
+        untouched.
+
+        Also the rows' spread at the input of the last BatchNorm layer in
+        that forward (0-d): the log of the mean over channels of the variance
+        across rows of each row's channel mean (its average over positions
+        for a feature map), relative to the source variance. Rows of one
+        class share their class's features, so they spread less there; the
+        layers before are re-normalised, so a covariate drift moves it less
+        than it moves the predictions."""
         adapters = self.adapters
         norms = adapters.norm_adapters()
         was = (adapters.active, adapters.statistics_only, [(a.robust, a.update_running, a.prior) for a in norms])
         rows = x[_finite_rows(x)]
+        spread = []
+
+        def measure_spread(module, args):
+            features = args[0].detach().float()
+            means = features.flatten(2).mean(dim=2) if features.dim() > 2 else features
+            variance = means.var(dim=0, unbiased=False) / norms[-1].source_var.clamp_min(1e-12)
+            spread.append(variance.mean().clamp_min(1e-12).log().double())
+        handle = self._last_norm_module().register_forward_pre_hook(measure_spread)
         adapters.active, adapters.statistics_only = True, True
         for a in norms:
             a.robust, a.update_running, a.prior = False, False, 0.0
@@ -461,6 +482,7 @@ class SelfHealer:
             with torch.no_grad(), self.monitor.paused():
                 log_probs = torch.log_softmax(self._logits(self.model(rows)).float(), dim=1)
         finally:
+            handle.remove()
             adapters.active, adapters.statistics_only = was[0], was[1]
             for a, (robust, update, prior) in zip(norms, was[2]):
                 a.robust, a.update_running, a.prior = robust, update, prior
@@ -468,8 +490,14 @@ class SelfHealer:
         entropy = -(probs * log_probs).sum(dim=1) / math.log(max(log_probs.shape[1], 2))
         kept = torch.isfinite(entropy)
         entropy, probs = entropy[kept].double(), probs[kept].double()
-        return torch.cat([torch.stack([entropy.sum(), torch.tensor(float(entropy.numel()), dtype=torch.float64,
+        sums = torch.cat([torch.stack([entropy.sum(), torch.tensor(float(entropy.numel()), dtype=torch.float64,
                                                                    device=entropy.device)]), probs.sum(dim=0)])
+        return sums, (spread[-1] if spread else torch.tensor(math.nan, dtype=torch.float64, device=sums.device))
+
+    def _last_norm_module(self) -> nn.Module:
+        """The BatchNorm layer of the last statistics adapter."""
+        targets = [p.target for p in self.adapters.placements if p.kind == "norm"]
+        return self.model.get_submodule(targets[-1])
 
     @staticmethod
     def _information(sums: torch.Tensor) -> torch.Tensor:
@@ -499,7 +527,16 @@ class SelfHealer:
         level followed to the batch size, fitted through half-size chunks,
         was tried: 0 and 7 of 30 at 16 rows, the wrong way round.) None when
         batch statistics do not erase the class signal (no room between the
-        two levels)."""
+        two levels).
+
+        The rows' spread at the last BatchNorm layer (``_batch_statistics_sums``)
+        is measured on the same batches. A strong drift lowers the information
+        of batches of many classes to the runs' level (their predictions grow
+        vague) but leaves their spread above the runs'; where the two levels
+        of the spread are at least ``_SPREAD_SEPARATION`` standard deviations
+        apart, a batch whose spread is above the half-way point also counts as
+        many classes (on an MLP the runs' spread overlaps the healthy one's:
+        off)."""
         minimum = self._diversity_rows()
         if minimum is None:
             return None
@@ -508,15 +545,18 @@ class SelfHealer:
         inputs = [x for x in inputs if x.shape[0] > 0]
         size = max((x.shape[0] for x in inputs), default=0)
         # sum and count of the information of healthy batches, of runs; the
-        # batch size (merged over ranks)
-        levels = torch.zeros(6, dtype=torch.float64, device=device)
+        # batch size; sums and sums of squares of the spread of healthy
+        # batches, of runs (merged over ranks)
+        levels = torch.zeros(10, dtype=torch.float64, device=device)
 
         def measure(x, slot):
             if x.shape[0] >= minimum:
-                sums = self._batch_statistics_sums(x)
+                sums, spread = self._batch_statistics_sums(x)
                 if float(sums[1]) >= minimum:  # (rows whose predictions are finite)
                     levels[slot] += self._information(sums)
                     levels[slot + 1] += 1.0
+                    levels[6 + slot] += spread
+                    levels[7 + slot] += spread * spread
         try:
             for x in inputs:
                 measure(x, 0)
@@ -532,37 +572,55 @@ class SelfHealer:
                         measure(chunk, 2)
         finally:
             self.adapters.active = False  # (the check itself restores every other flag)
-        levels[4:] = torch.tensor([float(size), 1.0], dtype=torch.float64, device=device)
+        levels[4:6] = torch.tensor([float(size), 1.0], dtype=torch.float64, device=device)
         levels = self._merged(levels).tolist()  # every rank gets the same levels
         if levels[1] == 0 or levels[3] == 0:
             return None
         diverse, run = levels[0] / levels[1], levels[2] / levels[3]
         if diverse - run < 0.05:
             return None
-        return {"measure": "information", "diverse": diverse, "run": run,
-                "threshold": run + _CHECK_SPLIT * (diverse - run), "rows": levels[4] / levels[5]}
+        result = {"measure": "information", "diverse": diverse, "run": run,
+                  "threshold": run + _CHECK_SPLIT * (diverse - run), "rows": levels[4] / levels[5],
+                  "spread_diverse": None, "spread_run": None, "spread_threshold": None}
+        if levels[1] >= 2 and levels[3] >= 2 and all(math.isfinite(v) for v in levels[6:]):
+            (spread_diverse, diverse_var), (spread_run, run_var) = (
+                (levels[6 + slot] / levels[slot + 1],
+                 max(levels[7 + slot] / levels[slot + 1] - (levels[6 + slot] / levels[slot + 1]) ** 2, 0.0))
+                for slot in (0, 2))
+            separation = (spread_diverse - spread_run) / math.sqrt(max(0.5 * (diverse_var + run_var), 1e-12))
+            result.update(spread_diverse=spread_diverse, spread_run=spread_run)
+            if separation >= _SPREAD_SEPARATION:
+                result["spread_threshold"] = spread_run + _SPREAD_SPLIT * (spread_diverse - spread_run)
+        return result
 
     def _batch_is_diverse(self, x: torch.Tensor) -> Optional[bool]:
         """The batch-statistics check: True when ``x``'s predictions with its
         own statistics tell its rows apart (information above the calibrated
-        threshold), False when not (a run of classes), None when it cannot
-        tell (no check, too few rows). Under a process group each rank
-        measures its own rows, as at calibration, and the ranks decide
-        together on the mean of their information."""
+        threshold, or, where calibration found it telling, the rows' spread
+        at the last BatchNorm layer above its threshold), False when not (a
+        run of classes), None when it cannot tell (no check, too few rows).
+        Under a process group each rank measures its own rows, as at
+        calibration, and the ranks decide together on the means of their
+        measures."""
         self._check_tried = True
         minimum = self._diversity_rows()
         if self._diversity is None or minimum is None:
             return None
-        local = torch.zeros(2, dtype=torch.float64, device=self._device())
+        local = torch.zeros(4, dtype=torch.float64, device=self._device())
         if x.dim() and x.shape[0] >= minimum:
-            sums = self._batch_statistics_sums(x)
+            sums, spread = self._batch_statistics_sums(x)
             valid = sums[1] >= minimum  # (rows whose predictions are finite)
-            local = torch.stack([torch.where(valid, self._information(sums), 0.0), valid.double()])
+            spread_valid = valid & torch.isfinite(spread)
+            local = torch.stack([torch.where(valid, self._information(sums), 0.0), valid.double(),
+                                 torch.where(spread_valid, spread, 0.0), spread_valid.double()])
         merged = self._merged(local).tolist()  # (the check's one host read)
         if merged[1] == 0:
             return None
         self._batch_information = merged[0] / merged[1]
-        return self._batch_information > self._diversity["threshold"]
+        self._batch_spread = merged[2] / merged[3] if merged[3] else None
+        spread_threshold = self._diversity.get("spread_threshold")
+        return self._batch_information > self._diversity["threshold"] or \
+            (spread_threshold is not None and self._batch_spread is not None and self._batch_spread > spread_threshold)
 
     def _inputs(self, batch):
         if isinstance(batch, (tuple, list)):
@@ -682,7 +740,7 @@ class SelfHealer:
         # drifted source spreads its predictions over a run of one class),
         # and a drift can make it predict one class for every input, which
         # looks like a run too: the batch-statistics check decides.
-        self._check, self._check_tried, self._batch_information = None, False, None
+        self._check, self._check_tried, self._batch_information, self._batch_spread = None, False, None, None
         checked = time.perf_counter()
         if (self._robust_norm() or self._run_hinted(self._label_shift)) and not held and self.active \
                 and not self.suspended:
@@ -1043,7 +1101,8 @@ class SelfHealer:
             # the statistics still moved (slowly): the state is hashed as for a step
             self._event("skip", state_hash=tensor_digest(self.adapters.state_dict()) if self.audit is not None
                         else None, reason="classes arrive in runs", label_shift=self._label_shift,
-                        batch_information=self._batch_information)
+                        batch_information=self._batch_information,
+                        batch_spread=self._batch_spread)
             return
         x = self._gather_small(x)
         if x is None:
@@ -1497,7 +1556,7 @@ class SelfHealer:
         return output
 
     def _stage_batch(self, x: torch.Tensor, logits: torch.Tensor, report: DriftReport) -> None:
-        self._check, self._check_tried, self._batch_information = None, False, None
+        self._check, self._check_tried, self._batch_information, self._batch_spread = None, False, None, None
         if self._stage is None:
             if not report.read:
                 return
@@ -1533,7 +1592,8 @@ class SelfHealer:
                 shadow.set_update_running(True)
                 model(x)
             self._event("skip", reason="classes arrive in runs", label_shift=self._label_shift, staged=True,
-                        batch_information=self._batch_information)
+                        batch_information=self._batch_information,
+                        batch_spread=self._batch_spread)
             return
         x = self._gather_small(x)
         if x is None:
@@ -2109,7 +2169,7 @@ class SelfHealer:
                               RuntimeWarning, stacklevel=3)  # (the decorator's wrapper)
                 diversity = None
             self._diversity = None if diversity is None else \
-                {k: (v if k == "measure" else float(v)) for k, v in diversity.items()}
+                {k: (v if k == "measure" or v is None else float(v)) for k, v in diversity.items()}
             self._input_taps = list(state["input_taps"])
             averages = state["guard_averages"]
             self._agreement = averages["agreement"]

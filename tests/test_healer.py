@@ -234,6 +234,42 @@ def test_batch_diversity_is_calibrated_between_diverse_batches_and_runs(task, so
     assert healer._diversity is None
 
 
+def test_the_check_also_reads_the_rows_spread_at_the_last_norm_layer(task, source_model, monkeypatch):
+    import selfheal_ext.healer as healer_module
+    healer = make_healer(task, source_model)
+    levels = healer._diversity
+    assert levels["spread_diverse"] > levels["spread_run"]
+    one_class = task.sample(64, labels=torch.full((64,), 3))[0]
+    mixed = task.sample(64)[0]
+    run_spread, mixed_spread = (float(healer._batch_statistics_sums(x)[1]) for x in (one_class, mixed))
+    assert run_spread < mixed_spread  # rows of one class share their class's features
+    healer.adapters.active = True
+    # information alone can never clear a batch above 1: the spread decides
+    healer._diversity = dict(levels, threshold=2.0, spread_threshold=0.5 * (run_spread + mixed_spread))
+    assert healer._batch_is_diverse(mixed) is True and healer._batch_is_diverse(one_class) is False
+    assert healer._batch_spread == pytest.approx(run_spread)
+    healer._diversity = dict(levels, threshold=2.0, spread_threshold=None)
+    assert healer._batch_is_diverse(mixed) is False  # off: information alone
+    healer.adapters.active = False
+    # the spread is used where calibration separates runs from healthy
+    # batches by _SPREAD_SEPARATION standard deviations, half-way between them
+    for separation, used in ((0.0, True), (1e9, False)):
+        monkeypatch.setattr(healer_module, "_SPREAD_SEPARATION", separation)
+        levels = make_healer(task, source_model)._diversity
+        if used:
+            assert levels["spread_threshold"] == pytest.approx(
+                levels["spread_run"] + 0.5 * (levels["spread_diverse"] - levels["spread_run"]))
+        else:
+            assert levels["spread_threshold"] is None
+    # states saved before the spread existed load with it off
+    old = healer.state_dict()
+    old["diversity"] = {k: v for k, v in old["diversity"].items() if not k.startswith("spread")}
+    twin = make_healer(task, source_model)
+    twin.load_state_dict(old)
+    twin.adapters.active = True
+    assert twin._batch_is_diverse(one_class) is False
+
+
 def test_a_drift_that_collapses_the_source_onto_one_class_is_not_taken_for_a_run(task, source_model):
     stream = collapsing_stream(task)
     labels = [y for _, y in stream]
