@@ -4,6 +4,7 @@ approval mode never serving an unapproved version (API and CLI decisions),
 policy limits, the bias guard, audit failures, retention."""
 import copy
 import datetime
+import math
 import warnings
 
 import pytest
@@ -436,17 +437,23 @@ def test_runs_of_classes_are_audited_with_the_state_and_staged_statistics_follow
     assert norms and all(a.robust_horizon == staged.config["robust_horizon"] for a in norms)
 
 
-def test_robust_horizon_reaches_every_copy_of_the_adapters(setting):
-    healer = _healer(setting, robust_horizon=1024, mode="deferred")
+@pytest.mark.parametrize("prior", [None, 32.0])
+def test_robust_horizon_and_norm_prior_reach_every_copy_of_the_adapters(setting, prior):
+    options = {} if prior is None else {"norm_prior": prior}
+    healer = _healer(setting, robust_horizon=1024, mode="deferred", **options)
+    expected = 8.0 if prior is None else prior  # (the default)
     try:
-        assert {a.robust_horizon for a in healer.adapters.norm_adapters()} == {1024.0}
+        assert {(a.robust_horizon, a.prior) for a in healer.adapters.norm_adapters()} == {(1024.0, expected)}
         _, shadow, _ = healer._detached_copy(healer._adapter_state())
-        assert {a.robust_horizon for a in shadow.norm_adapters()} == {1024.0}
+        assert {(a.robust_horizon, a.prior) for a in shadow.norm_adapters()} == {(1024.0, expected)}
     finally:
         healer.close()
     model = setting[0]
     with pytest.raises(ValueError, match="robust_horizon"):
         SelfHealer(copy.deepcopy(model), robust_horizon=0)
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="norm_prior"):
+            SelfHealer(copy.deepcopy(model), norm_prior=bad)
 
 
 def test_the_bias_guard_also_watches_runs_of_classes(setting):
