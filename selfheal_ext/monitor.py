@@ -998,6 +998,11 @@ class DriftMonitor:
                 raise ValueError(f"selfheal: state has a corrupt {key!r}")
         if not (state["hi"] > state["lo"]).all():
             raise ValueError("selfheal: state has bin edges with hi <= lo")
+        batch_threshold = state.get("batch_threshold")
+        if batch_threshold is not None:
+            batch_threshold = float(batch_threshold)
+            if not batch_threshold > 0:  # (NaN included)
+                raise ValueError(f"selfheal: state has a corrupt 'batch_threshold' ({batch_threshold})")
         self.device = next(iter(_devices_of(self.model)), torch.device("cpu"))
         self._projections = {n: (p.clone() if p is not None else None) for n, p in state["projections"].items()}
         self._sketch_plans = {}
@@ -1026,14 +1031,10 @@ class DriftMonitor:
         self._score_mean, self._score_std = state["score_mean"].clone(), state["score_std"].clone()
         self._score_scale = float(state["score_scale"])
         self.cusum_threshold = float(state["cusum_threshold"])
-        if "batch_threshold" in state:
-            self.batch_threshold = float(state["batch_threshold"])
-            if not self.batch_threshold > 0:  # (NaN included)
-                raise ValueError(f"selfheal: state has a corrupt 'batch_threshold' ({self.batch_threshold})")
-        else:  # saved before the batch test existed: its limit needs the calibration data
-            self.batch_threshold = math.inf
+        if batch_threshold is None:  # saved before the batch test existed: its limit needs the calibration data
             warnings.warn("selfheal: this DriftMonitor state predates the per-batch test; it stays off "
                           "until calibrate() is run again", RuntimeWarning, stacklevel=2)
+        self.batch_threshold = math.inf if batch_threshold is None else batch_threshold
         self.cusum_batch_size = int(state["cusum_batch_size"])
         self.nonfinite_rate = float(state["nonfinite_rate"])
         self._nonfinite_limit_cache = {}

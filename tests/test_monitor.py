@@ -145,9 +145,10 @@ def test_states_saved_before_the_batch_test_load_with_it_off():
     restored(_stream(1, 32, seed=4, shift=2.0)[0])
     assert "batch" not in restored.last_report.reasons
     for bad in (float("nan"), -1.0, 0.0):
+        fresh = sh.DriftMonitor(_mlp(), window=64, false_alarm_every=100_000, bootstrap=2000)
         with pytest.raises(ValueError, match="batch_threshold"):
-            sh.DriftMonitor(_mlp(), window=64, false_alarm_every=100_000,
-                            bootstrap=2000).load_state_dict(dict(state, batch_threshold=bad))
+            fresh.load_state_dict(dict(state, batch_threshold=bad))
+        assert not fresh.calibrated and not hasattr(fresh, "reference_counts")  # (refused before any change)
 
 
 def test_signals_match_the_bootstrap_computation():
