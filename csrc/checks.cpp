@@ -38,21 +38,18 @@ void check_same_device(const at::Tensor& t, const char* name,
 
 void check_same_dtype(const at::Tensor& t, const char* name,
                       const at::Tensor& ref, const char* ref_name) {
-  std::ostringstream expected;
-  expected << "of the dtype of '" << ref_name << "' (" << ref.scalar_type()
-           << ")";
   SELFHEAL_CHECK_ARG(t.scalar_type() == ref.scalar_type(), name,
-                     expected.str(), describe(t));
+                     c10::str("of the dtype of '", ref_name, "' (",
+                              ref.scalar_type(), ")"),
+                     describe(t));
 }
 
 void check_vector(const at::Tensor& t, const char* name, int64_t length,
                   const at::Tensor& x) {
   check_same_device(t, name, x, "x");
   check_same_dtype(t, name, x, "x");
-  std::ostringstream expected;
-  expected << "a 1-D tensor of length " << length;
   SELFHEAL_CHECK_ARG(t.dim() == 1 && t.size(0) == length, name,
-                     expected.str(), describe(t));
+                     c10::str("a 1-D tensor of length ", length), describe(t));
 }
 
 }  // namespace
@@ -103,21 +100,20 @@ AdapterShape check_adapter_forward(
 
   check_same_device(down_weight, "down_weight", x, "x");
   check_same_dtype(down_weight, "down_weight", x, "x");
-  std::ostringstream down_expected;
-  down_expected << "2-D [rank, " << shape.channels_in << "] with 1 <= rank <= 256";
   SELFHEAL_CHECK_ARG(down_weight.dim() == 2 &&
                          down_weight.size(1) == shape.channels_in &&
                          down_weight.size(0) >= 1 && down_weight.size(0) <= 256,
-                     "down_weight", down_expected.str(), describe(down_weight));
+                     "down_weight",
+                     c10::str("2-D [rank, ", shape.channels_in, "] with 1 <= rank <= 256"),
+                     describe(down_weight));
   shape.rank = down_weight.size(0);
 
   check_same_device(up_weight, "up_weight", x, "x");
   check_same_dtype(up_weight, "up_weight", x, "x");
-  std::ostringstream up_expected;
-  up_expected << "2-D [C_out, " << shape.rank << "] with C_out >= 1";
   SELFHEAL_CHECK_ARG(up_weight.dim() == 2 && up_weight.size(1) == shape.rank &&
                          up_weight.size(0) >= 1,
-                     "up_weight", up_expected.str(), describe(up_weight));
+                     "up_weight", c10::str("2-D [C_out, ", shape.rank, "] with C_out >= 1"),
+                     describe(up_weight));
   shape.channels_out = up_weight.size(0);
 
   if (down_bias.has_value()) {
@@ -126,21 +122,19 @@ AdapterShape check_adapter_forward(
   if (scale.has_value()) check_vector(*scale, "scale", shape.channels_out, x);
   if (shift.has_value()) check_vector(*shift, "shift", shape.channels_out, x);
 
-  const auto y_sizes = adapter_output_sizes(x, shape.channels_out, channels_first);
   if (base.has_value()) {
     check_same_device(*base, "base", x, "x");
     check_same_dtype(*base, "base", x, "x");
-    std::ostringstream expected;
-    expected << "of the output's shape " << c10::IntArrayRef(y_sizes);
+    const auto y_sizes = adapter_output_sizes(x, shape.channels_out, channels_first);
     SELFHEAL_CHECK_ARG(base->sizes() == c10::IntArrayRef(y_sizes), "base",
-                       expected.str(), describe(*base));
+                       c10::str("of the output's shape ", c10::IntArrayRef(y_sizes)),
+                       describe(*base));
   } else {
-    std::ostringstream expected;
-    expected << "given when up_weight has " << shape.channels_out
-             << " output channels and x has " << shape.channels_in
-             << " (base = x needs C_out == C_in)";
     SELFHEAL_CHECK_ARG(shape.channels_out == shape.channels_in, "base",
-                       expected.str(), "None");
+                       c10::str("given when up_weight has ", shape.channels_out,
+                                " output channels and x has ", shape.channels_in,
+                                " (base = x needs C_out == C_in)"),
+                       "None");
   }
   return shape;
 }
@@ -159,20 +153,19 @@ AdapterShape check_adapter_backward(
       x, base, down_weight, no_tensor, up_weight, scale, no_tensor,
       channels_first, allow_float64);
   const auto y_sizes = adapter_output_sizes(x, shape.channels_out, channels_first);
-  std::ostringstream y_expected;
-  y_expected << "of the output's shape " << c10::IntArrayRef(y_sizes);
   SELFHEAL_CHECK_ARG(grad_y.sizes() == c10::IntArrayRef(y_sizes), "grad_y",
-                     y_expected.str(), describe(grad_y));
+                     c10::str("of the output's shape ", c10::IntArrayRef(y_sizes)),
+                     describe(grad_y));
   check_same_device(hidden, "hidden", x, "x");
   const at::ScalarType hidden_dtype =
       x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  std::ostringstream hidden_expected;
-  hidden_expected << "a " << hidden_dtype << " tensor of shape ["
-                  << shape.positions() << ", " << shape.rank << "]";
   SELFHEAL_CHECK_ARG(hidden.scalar_type() == hidden_dtype && hidden.dim() == 2 &&
                          hidden.size(0) == shape.positions() &&
                          hidden.size(1) == shape.rank,
-                     "hidden", hidden_expected.str(), describe(hidden));
+                     "hidden",
+                     c10::str("a ", hidden_dtype, " tensor of shape [", shape.positions(),
+                              ", ", shape.rank, "]"),
+                     describe(hidden));
   return shape;
 }
 
@@ -189,8 +182,6 @@ void check_softmax_entropy_backward(const at::Tensor& grad_entropy,
                                     const at::Tensor& logsumexp) {
   check_softmax_entropy(logits);
   const int64_t rows = logits.size(0);
-  std::ostringstream expected;
-  expected << "a float32 tensor of shape [" << rows << "] on the device of 'logits'";
   for (const auto& [t, name] :
        {std::pair<const at::Tensor&, const char*>{grad_entropy, "grad_entropy"},
         {grad_max_prob, "grad_max_prob"},
@@ -198,7 +189,10 @@ void check_softmax_entropy_backward(const at::Tensor& grad_entropy,
         {logsumexp, "logsumexp"}}) {
     SELFHEAL_CHECK_ARG(t.scalar_type() == at::kFloat && t.dim() == 1 &&
                            t.size(0) == rows && t.device() == logits.device(),
-                       name, expected.str(), describe(t));
+                       name,
+                       c10::str("a float32 tensor of shape [", rows,
+                                "] on the device of 'logits'"),
+                       describe(t));
   }
 }
 
@@ -209,30 +203,28 @@ namespace {
 void check_count_tables(const at::Tensor& counts, const at::Tensor& nonfinite,
                         const at::Tensor& x, const at::Tensor& lo,
                         const at::Tensor& hi, int64_t features) {
-  std::ostringstream counts_expected;
-  counts_expected << "an int64 tensor of shape [" << features
-                  << ", bins + 2] with bins >= 1";
   SELFHEAL_CHECK_ARG(counts.scalar_type() == at::kLong && counts.dim() == 2 &&
                          counts.size(0) == features && counts.size(1) >= 3,
-                     "counts", counts_expected.str(), describe(counts));
+                     "counts",
+                     c10::str("an int64 tensor of shape [", features,
+                              ", bins + 2] with bins >= 1"),
+                     describe(counts));
   SELFHEAL_CHECK_ARG(counts.is_contiguous(), "counts", "contiguous",
                      "a non-contiguous tensor");
   check_same_device(counts, "counts", x, "x");
-  std::ostringstream vector_expected;
-  vector_expected << "an int64 tensor of shape [" << features << "]";
   SELFHEAL_CHECK_ARG(nonfinite.scalar_type() == at::kLong &&
                          nonfinite.dim() == 1 && nonfinite.size(0) == features,
-                     "nonfinite", vector_expected.str(), describe(nonfinite));
+                     "nonfinite", c10::str("an int64 tensor of shape [", features, "]"),
+                     describe(nonfinite));
   SELFHEAL_CHECK_ARG(nonfinite.is_contiguous(), "nonfinite", "contiguous",
                      "a non-contiguous tensor");
   check_same_device(nonfinite, "nonfinite", x, "x");
-  std::ostringstream edge_expected;
-  edge_expected << "a float32 tensor of shape [" << features << "]";
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{lo, "lo"},
                                 {hi, "hi"}}) {
     SELFHEAL_CHECK_ARG(t.scalar_type() == at::kFloat && t.dim() == 1 &&
                            t.size(0) == features,
-                       name, edge_expected.str(), describe(t));
+                       name, c10::str("a float32 tensor of shape [", features, "]"),
+                       describe(t));
     check_same_device(t, name, x, "x");
   }
 }
@@ -256,16 +248,15 @@ void check_sketch_histogram_update(const at::Tensor& counts,
   check_float_input(x, "x");
   SELFHEAL_CHECK_ARG(x.dim() == 2, "x", "2-D [N, D]", describe(x));
   const int64_t width = x.size(1);
-  std::ostringstream bucket_expected, weight_expected;
-  bucket_expected << "an int64 tensor of shape [" << width << "]";
-  weight_expected << "a float32 tensor of shape [" << width << "]";
   SELFHEAL_CHECK_ARG(bucket.scalar_type() == at::kLong && bucket.dim() == 1 &&
                          bucket.size(0) == width,
-                     "bucket", bucket_expected.str(), describe(bucket));
+                     "bucket", c10::str("an int64 tensor of shape [", width, "]"),
+                     describe(bucket));
   check_same_device(bucket, "bucket", x, "x");
   SELFHEAL_CHECK_ARG(weight.scalar_type() == at::kFloat && weight.dim() == 1 &&
                          weight.size(0) == width,
-                     "weight", weight_expected.str(), describe(weight));
+                     "weight", c10::str("a float32 tensor of shape [", width, "]"),
+                     describe(weight));
   check_same_device(weight, "weight", x, "x");
   SELFHEAL_CHECK_ARG(counts.dim() == 2 && counts.size(0) >= 1, "counts",
                      "a 2-D tensor [F, bins + 2] with F >= 1", describe(counts));

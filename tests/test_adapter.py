@@ -199,6 +199,24 @@ def test_adapter_bad_arguments_name_the_argument(mutate, argument):
         _raw_forward(x, args)
 
 
+def test_adapter_check_messages_say_what_was_expected():
+    # The messages are built only when a check fails; they still name the
+    # argument, what was expected and what was given.
+    x, args = make_args((5, 16), False, 4, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"'down_weight' must be 2-D \[rank, 16\] with "
+                                           r"1 <= rank <= 256, got Float tensor of shape \[4, 15\]"):
+        _raw_forward(x, dict(args, down_weight=torch.zeros(4, 15)))
+    with pytest.raises(RuntimeError, match=r"'up_weight' must be of the dtype of 'x' \(Float\), "
+                                           r"got Half tensor"):
+        _raw_forward(x, dict(args, up_weight=args["up_weight"].half()))
+    with pytest.raises(RuntimeError, match=r"'shift' must be a 1-D tensor of length 16, got"):
+        _raw_forward(x, dict(args, shift=torch.zeros(3)))
+    y, hidden = _raw_forward(x, args)
+    with pytest.raises(RuntimeError, match=r"'hidden' must be a Float tensor of shape \[5, 4\]"):
+        torch.ops.selfheal.adapter_backward(y, x, hidden[1:], args["down_weight"],
+                                            args["up_weight"], None, "gelu", False, True, True)
+
+
 def test_adapter_bad_x_and_activation():
     x, args = make_args((5, 16), False, 4, torch.float32, "cpu")
     with pytest.raises(RuntimeError, match="'x'"):

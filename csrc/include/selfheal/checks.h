@@ -7,6 +7,9 @@
 
 #include <optional>
 
+// expected and actual are evaluated only when cond fails (TORCH_CHECK builds
+// its message lazily): write them as expressions, e.g. c10::str(...), not as
+// strings built before the check, which every passing call would pay for.
 #define SELFHEAL_CHECK_ARG(cond, name, expected, actual)                 \
   TORCH_CHECK((cond), "selfheal: argument '", name, "' must be ",       \
               expected, ", got ", actual)
