@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -5,6 +7,27 @@ from selfheal_ext import ops, reference
 from conftest import DEVICES, DTYPES, HAS_CUDA, assert_no_worse_than_eager
 
 ACTIVATIONS = ["identity", "relu", "gelu", "silu"]
+
+# The CPU kernel runs direct loops up to DIRECT_MAX multiply-adds (positions *
+# rank * (C_in + C_out)), and up to DIRECT_MAX_LOW_RANK for rank <= 4 forward
+# and rank <= 8 backward; above, BLAS products over tiles of positions
+# (csrc/cpu/adapter_direct_cpu.cpp, adapter_direct_fits).
+DIRECT_MAX = 2 ** 22
+DIRECT_MAX_LOW_RANK = 2 ** 24
+
+
+def cpu_paths(x_shape, channels_first, rank, c_out=None):
+    """("direct" or "tiled" for the forward, the same for the backward)."""
+    c_in = x_shape[1] if channels_first else x_shape[-1]
+    positions = math.prod(x_shape) // c_in
+    work = positions * rank * (c_in + (c_in if c_out is None else c_out))
+
+    def path(low_rank):
+        limit = DIRECT_MAX_LOW_RANK if rank <= low_rank else DIRECT_MAX
+        return "direct" if work <= limit else "tiled"
+
+    return path(4), path(8)
+
 
 # (x shape, channels_first, rank)
 SHAPES = [
@@ -15,8 +38,17 @@ SHAPES = [
     ((1, 8, 5), True, 3),         # channels-first 1-D spatial, batch of one
     ((2, 31, 7, 5), True, 4),     # channels-first conv map with odd sizes
     ((3, 1, 4, 4), True, 1),      # channels-first, one channel
-    ((300, 4, 2, 2), True, 2),    # many small maps: CPU tiles group whole samples
-    ((2, 8, 1100), True, 3),      # a map larger than one CPU tile: split
+    ((300, 4, 2, 2), True, 2),    # many small maps, blocks across samples
+    ((2, 8, 1100), True, 3),      # a map longer than one block
+    ((3, 5000), False, 2),        # wide: fewer positions per block
+    ((2, 3000, 37), True, 1),     # wide: fewer positions per block, across samples
+    ((500, 256), False, 16),      # just below the direct loops' limit
+    ((2, 64, 1000), True, 16),    # just below the direct loops' limit
+    ((1100, 256), False, 16),     # tiled: two tiles, the second short
+    ((1100, 64, 2, 2), True, 16), # tiled: tiles group whole small maps
+    ((2, 64, 1500), True, 16),    # tiled: a map longer than one tile, split
+    ((2100, 128), False, 8),      # tiled forward, direct (low-rank) backward
+    ((83, 16, 20, 20), True, 4),  # low rank: direct beyond DIRECT_MAX
 ]
 
 
@@ -145,16 +177,17 @@ def test_adapter_empty_batch(device, channels_first):
 
 @pytest.mark.parametrize("shape,channels_first", [
     ((3000, 64), False),
-    ((256, 16, 4, 4), True),  # small maps: tiles of whole samples, 4 chunks
-    ((3, 16, 5000), True),    # long maps: tiles split one sample, several chunks
+    ((1024, 16, 4, 4), True),  # small maps: tiles of whole samples, 16 chunks
+    ((3, 16, 10000), True),    # long maps: tiles split one sample, several chunks
 ])
 def test_adapter_weight_grads_are_deterministic_at_each_thread_count(shape, channels_first):
-    # Chunk partials are fixed and added in order, so a rerun at the same thread
-    # count is bit-identical. Across thread counts the BLAS under the chunk
-    # products may block its sums differently (on a 16-core host MKL moved the
-    # last bits of down_weight between 1 and 16 threads), so there they agree
-    # to rounding only.
-    x, args = make_args(shape, channels_first, 8, torch.float32, "cpu")
+    # The tiled path. Chunk partials are fixed and added in order, so a rerun at
+    # the same thread count is bit-identical. Across thread counts the BLAS
+    # under the chunk products may block its sums differently (on a 16-core
+    # host MKL moved the last bits of down_weight between 1 and 16 threads), so
+    # there they agree to rounding only.
+    assert cpu_paths(shape, channels_first, 16) == ("tiled", "tiled")
+    x, args = make_args(shape, channels_first, 16, torch.float32, "cpu")
     threads = torch.get_num_threads()
     runs = {}
     try:
@@ -169,6 +202,95 @@ def test_adapter_weight_grads_are_deterministic_at_each_thread_count(shape, chan
             assert torch.equal(first[name], again[name]), (count, name)
     for name in one:
         torch.testing.assert_close(many[name], one[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,channels_first", [
+    ((3000, 64), False),      # rows in 11 chunks
+    ((256, 16, 4, 4), True),  # blocks across small maps, 4 chunks
+    ((3, 16, 5000), True),    # blocks within long maps, 14 chunks
+    ((7, 5), False),          # one block
+])
+def test_adapter_direct_path_is_bit_identical_at_any_thread_count(shape, channels_first, dtype):
+    # The direct loops' chunks depend on the problem's size only and each sums in
+    # a fixed order, so results do not depend on the thread count at all.
+    assert cpu_paths(shape, channels_first, 8) == ("direct", "direct")
+    x, args = make_args(shape, channels_first, 8, dtype, "cpu")
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for count in (1, max(2, threads), 1, max(2, threads)):
+            torch.set_num_threads(count)
+            runs.append(run_with_grads(ops.adapter, x, args, channels_first=channels_first))
+    finally:
+        torch.set_num_threads(threads)
+    y_first, grads_first = runs[0]
+    for y, grads in runs[1:]:
+        assert torch.equal(y, y_first)
+        for name in grads_first:
+            assert torch.equal(grads[name], grads_first[name]), name
+
+
+# (x shape, channels_first, rank): each layout on each side of DIRECT_MAX
+OPTION_SHAPES = [
+    ((1, 9, 7, 3), True, 3),       # direct, batch of one
+    ((13, 5, 11), False, 2),       # direct
+    ((1100, 64, 2, 2), True, 16),  # tiled
+    ((1100, 256), False, 16),      # tiled
+]
+OPTIONS = [(), ("down_bias",), ("scale",), ("shift",), ("down_bias", "scale", "shift")]
+
+
+def assert_close_to_fp64(got, want, rtol, what):
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol * 0.1 * scale, msg=what)
+
+
+@pytest.mark.parametrize("x_shape,channels_first,rank", OPTION_SHAPES)
+@pytest.mark.parametrize("options", OPTIONS, ids=["plain", "bias", "scale", "shift", "all"])
+@pytest.mark.parametrize("side_branch", [False, True], ids=["base_x", "base_given"])
+@pytest.mark.parametrize("x_needs_grad", [True, False], ids=["grad_x", "frozen_x"])
+def test_adapter_options_match_reference(x_shape, channels_first, rank, options, side_branch,
+                                         x_needs_grad):
+    c_in = x_shape[1] if channels_first else x_shape[-1]
+    x, args = make_args(x_shape, channels_first, rank, torch.float32, "cpu",
+                        c_out=c_in + 3 if side_branch else None)
+    for name in ("down_bias", "scale", "shift"):
+        if name not in options:
+            args[name] = None
+    kw = dict(activation="gelu", channels_first=channels_first)
+    y_shape = reference.adapter(x, **args, **kw).shape
+    g = torch.randn(y_shape, generator=torch.Generator().manual_seed(1))
+
+    def forward_backward(fn, x, args):
+        x = x.detach().clone().requires_grad_(x_needs_grad)
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in args.items() if v is not None}
+        y = fn(x, **leaves, **kw)
+        inputs = ([x] if x_needs_grad else []) + list(leaves.values())
+        grads = torch.autograd.grad(y, inputs, g.to(y.dtype))
+        return y, dict(zip((["x"] if x_needs_grad else []) + list(leaves), grads))
+
+    y, grads = forward_backward(ops.adapter, x, args)
+    y_ref, grads_ref = forward_backward(reference.adapter, *to_double(x, args))
+    assert_close_to_fp64(y, y_ref, 1e-5, "y")
+    assert grads.keys() == grads_ref.keys()
+    for name, want in grads_ref.items():
+        assert_close_to_fp64(grads[name], want, 1e-4, name)
+
+
+@pytest.mark.parametrize("x_shape,channels_first,rank", OPTION_SHAPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_adapter_fp64_matches_reference(x_shape, channels_first, rank, activation):
+    # float64 arithmetic throughout (scalar erf/exp in the direct loops)
+    x, args = make_args(x_shape, channels_first, rank, torch.float64, "cpu")
+    kw = dict(activation=activation, channels_first=channels_first)
+    y, grads = run_with_grads(ops.adapter, x, args, **kw)
+    y_ref, grads_ref = run_with_grads(reference.adapter, x, args, **kw)
+    assert y.dtype == torch.float64
+    assert_close_to_fp64(y, y_ref, 1e-10, "y")
+    for name, want in grads_ref.items():
+        assert grads[name].dtype == torch.float64
+        assert_close_to_fp64(grads[name], want, 1e-10, name)
 
 
 def _raw_forward(x, args, activation="gelu", channels_first=False, base=None):
@@ -238,10 +360,14 @@ def test_adapter_cuda_rejects_mixed_devices():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("channels_first", [False, True], ids=["channels_last", "channels_first"])
-def test_adapter_opcheck(device, channels_first):
-    x_shape = (2, 6, 3) if channels_first else (4, 6)
-    x, args = make_args(x_shape, channels_first, 3, torch.float32, device)
+@pytest.mark.parametrize("x_shape,channels_first,rank", [
+    ((4, 6), False, 3),
+    ((2, 6, 3), True, 3),
+    ((1100, 256), False, 16),     # tiled on the CPU
+    ((1100, 64, 2, 2), True, 16),  # tiled on the CPU
+])
+def test_adapter_opcheck(device, x_shape, channels_first, rank):
+    x, args = make_args(x_shape, channels_first, rank, torch.float32, device)
     x.requires_grad_()
     for value in args.values():
         if value is not None:

@@ -13,6 +13,11 @@
 // a rerun at the same thread count is bit-identical. (The BLAS under each
 // chunk's products may block its sums by its own thread setting, so across
 // thread counts they agree to rounding only.)
+//
+// Small problems, and larger ones of low rank, never reach the tiles: their
+// time would be the per-call and per-tile costs of the ATen calls, so they
+// take the direct loops of adapter_direct_cpu.cpp (adapter_direct_fits says
+// where, by measurement).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -22,6 +27,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "adapter_direct_cpu.h"
 #include "selfheal/activation.h"
 #include "selfheal/checks.h"
 #include "selfheal/ops.h"
@@ -51,7 +57,7 @@ at::Tensor as_compute(const at::Tensor& t, at::ScalarType dtype) {
 
 at::Tensor compute_or_undefined(const std::optional<at::Tensor>& t,
                                 at::ScalarType dtype) {
-  return t.has_value() ? t->to(dtype).contiguous() : at::Tensor();
+  return t.has_value() ? as_compute(*t, dtype).contiguous() : at::Tensor();
 }
 
 // One tile. Channels-last: rows [first, first + count) of the flattened
@@ -185,13 +191,18 @@ std::tuple<at::Tensor, at::Tensor> adapter_forward_cpu(
       x, base, down_weight, down_bias, up_weight, scale, shift, channels_first,
       /*allow_float64=*/true);
   const Activation act = parse_activation(activation);
+  // One contiguous copy of a strided x serves as both input and base.
+  const at::Tensor x_c = x.contiguous();
+  if (adapter_direct_fits(shape, /*backward=*/false)) {
+    return adapter_forward_direct(x_c, base.has_value() ? base->contiguous() : x_c,
+                                  down_weight, down_bias, up_weight, scale, shift, act,
+                                  channels_first, shape);
+  }
   const bool channels_last = shape.spatial == 1;
   const at::ScalarType acc_dtype = compute_dtype(x);
   const auto acc_options = x.options().dtype(acc_dtype);
   const int64_t rank = shape.rank;
 
-  // One contiguous copy of a strided x serves as both input and base.
-  const at::Tensor x_c = x.contiguous();
   const at::Tensor x3 = x_c.view({shape.n_outer, shape.channels_in, shape.spatial});
   const at::Tensor base3 = (base.has_value() ? base->contiguous() : x_c)
                                .view({shape.n_outer, shape.channels_out, shape.spatial});
@@ -275,6 +286,11 @@ adapter_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
       check_adapter_backward(grad_y, x, hidden, down_weight, up_weight, scale,
                              channels_first, base_is_x, /*allow_float64=*/true);
   const Activation act = parse_activation(activation);
+  if (adapter_direct_fits(shape, /*backward=*/true)) {
+    return adapter_backward_direct(grad_y.contiguous(), x.contiguous(), hidden.contiguous(),
+                                   down_weight, up_weight, scale, act, base_is_x,
+                                   compute_grad_x, shape);
+  }
   const at::ScalarType acc_dtype = compute_dtype(x);
   const auto acc_options = x.options().dtype(acc_dtype);
   const bool channels_last = shape.spatial == 1;

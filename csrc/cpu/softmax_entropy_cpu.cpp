@@ -16,18 +16,13 @@
 #include "selfheal/dispatch.h"
 #include "selfheal/fast_exp.h"
 #include "selfheal/ops.h"
+#include "selfheal/vector_clones.h"
 
 namespace selfheal {
 namespace {
 
 constexpr int64_t kBlock = 256;
 constexpr float kExpFloor = -87.0f;
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SELFHEAL_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define SELFHEAL_VECTOR_CLONES
-#endif
 
 struct RowState {
   float max = -std::numeric_limits<float>::infinity();

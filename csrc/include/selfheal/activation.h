@@ -82,20 +82,42 @@ SELFHEAL_HOST_DEVICE double activate_grad(Activation act, double h) {
   }
 }
 
-// act(h) and act'(h) together, sharing the erf / exp of GELU and SiLU.
-template <typename T>
-SELFHEAL_HOST_DEVICE void activate_with_grad(Activation act, T h, T* value, T* grad) {
+// act(h) and act'(h) together, sharing the erf / exp of GELU and SiLU. One
+// overload per type, like the functions above: on the host an unqualified
+// erf(float) is the double one.
+SELFHEAL_HOST_DEVICE void activate_with_grad(Activation act, float h, float* value, float* grad) {
   switch (act) {
     case Activation::kGelu: {
-      const T cdf = T(0.5) * (T(1) + erf(h * T(0.70710678118654752)));
+      const float cdf = 0.5f * (1.f + erff(h * 0.70710678118654752f));
       *value = h * cdf;
-      *grad = cdf + h * T(0.39894228040143268) * exp(T(-0.5) * h * h);
+      *grad = cdf + h * 0.39894228040143268f * expf(-0.5f * h * h);
       return;
     }
     case Activation::kSilu: {
-      const T sig = T(1) / (T(1) + exp(-h));
+      const float sig = 1.f / (1.f + expf(-h));
       *value = h * sig;
-      *grad = sig * (T(1) + h * (T(1) - sig));
+      *grad = sig * (1.f + h * (1.f - sig));
+      return;
+    }
+    default:
+      *value = activate(act, h);
+      *grad = activate_grad(act, h);
+  }
+}
+
+SELFHEAL_HOST_DEVICE void activate_with_grad(Activation act, double h, double* value,
+                                             double* grad) {
+  switch (act) {
+    case Activation::kGelu: {
+      const double cdf = 0.5 * (1.0 + erf(h * 0.70710678118654752));
+      *value = h * cdf;
+      *grad = cdf + h * 0.39894228040143268 * exp(-0.5 * h * h);
+      return;
+    }
+    case Activation::kSilu: {
+      const double sig = 1.0 / (1.0 + exp(-h));
+      *value = h * sig;
+      *grad = sig * (1.0 + h * (1.0 - sig));
       return;
     }
     default:
