@@ -593,10 +593,10 @@ class SelfHealer:
                   "threshold": run + _CHECK_SPLIT * (diverse - run), "rows": levels[4] / levels[5],
                   "spread_diverse": None, "spread_run": None, "spread_threshold": None}
         if levels[1] >= 2 and levels[3] >= 2 and all(math.isfinite(v) for v in levels[6:]):
-            (spread_diverse, diverse_var), (spread_run, run_var) = (
-                (levels[6 + slot] / levels[slot + 1],
-                 max(levels[7 + slot] / levels[slot + 1] - (levels[6 + slot] / levels[slot + 1]) ** 2, 0.0))
-                for slot in (0, 2))
+            def mean_and_variance(slot):
+                mean = levels[6 + slot] / levels[slot + 1]
+                return mean, max(levels[7 + slot] / levels[slot + 1] - mean * mean, 0.0)
+            (spread_diverse, diverse_var), (spread_run, run_var) = mean_and_variance(0), mean_and_variance(2)
             separation = (spread_diverse - spread_run) / math.sqrt(max(0.5 * (diverse_var + run_var), 1e-12))
             result.update(spread_diverse=spread_diverse, spread_run=spread_run)
             if separation >= _SPREAD_SEPARATION:
