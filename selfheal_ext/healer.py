@@ -140,12 +140,13 @@ class SelfHealer:
         robust_horizon: samples over which BatchNorm statistics follow the
             stream while classes arrive in runs (RoTTA's robust BN; larger:
             slower, safer on long runs of one class).
-        norm_prior: weight, in samples, of the source statistics in a batch's
-            BatchNorm statistics (``w = n / (n + norm_prior)`` on the batch's
-            own). Larger: safer on small or label-ordered batches, slower to
-            follow a strong drift. 8 (16 before 2026-12-06): on the healing
-            benchmark's digits, 16 → 8 gained 0.2–0.5 points per shift reset
-            and 0.3 continual, and cost 1.2–1.3 on label-ordered streams.
+        norm_prior: weight, in samples, of the recent stream's BatchNorm
+            statistics in a batch's (``w = n / (n + norm_prior * f)`` on the
+            batch's own; the recent stream's start at the source's, and ``f``
+            shrinks the prior when the batch departs from them: a drift that
+            begins or changes; see ``NormStatsAdapter``). Larger: steadier
+            statistics while a drift holds. 128 (before 2026-12-06: a source
+            prior of 8, and of 16 before that).
         min_step_samples: batches smaller than this are pooled until one step
             has this many samples (single process; batch size 1 streams).
         release_after: clean batches (input-side divergence under threshold)
@@ -204,7 +205,7 @@ class SelfHealer:
         label_shift: float = 0.5,
         batch_diversity: bool = True,
         robust_horizon: float = 4096.0,
-        norm_prior: float = 8.0,
+        norm_prior: float = 128.0,
         min_step_samples: int = 16,
         divergence_rise: float = 3.0,
         mode: str = "inline",

@@ -134,14 +134,46 @@ def test_norm_statistics_prior_small_batches_robust_mode_and_nan():
     m = 1 / 129
     torch.testing.assert_close(mean, torch.full((4,), 5.0 * m))
     torch.testing.assert_close(var, torch.full((4,), (1 - m) + m * (1 - m) * 25.0))
-    # a large batch: w = n / (n + prior) on its own statistics, the rest on the source's
-    adapter.reset_running()
-    batch = torch.randn(64, 4) * 2 + 3
+    # a large batch: w = n / (n + prior * f) on its own statistics, the rest on
+    # the recent stream's (this batch folded in with weight 64 / 192)
+    batch = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)) * 2 + 3
+    batch_mean, batch_var = batch.double().mean(0), batch.double().var(0, unbiased=False)
+    sampling = batch.double().var(0) / 64
+    m = 64 / 192
+
+    def expected(running_mean, running_var):
+        folded_mean = running_mean + m * (batch_mean - running_mean)
+        folded_var = (1 - m) * running_var + m * batch_var + m * (1 - m) * (batch_mean - running_mean) ** 2
+        d = float(((batch_mean - folded_mean) ** 2 / sampling).mean())
+        f = min(1.0, NormStatsAdapter.CHANGE_LEVEL / d)
+        w = 64 / (64 + 16.0 * f)
+        return (w * batch_mean + (1 - w) * folded_mean,
+                w * batch_var + (1 - w) * folded_var + w * (1 - w) * (batch_mean - folded_mean) ** 2, f)
+
+    # near the recent stream's statistics (a drift holding steady): the full prior
+    near_mean, near_var = batch_mean + 0.5 * sampling.sqrt(), batch_var * 1.1
+    adapter.running_mean.copy_(near_mean)
+    adapter.running_var.copy_(near_var)
     mean, var = adapter.statistics(batch)
-    torch.testing.assert_close(mean, batch.mean(0) * 64 / 80)
-    w = 0.8
-    expected_var = w * batch.var(0, unbiased=False) + (1 - w) + w * (1 - w) * batch.mean(0) ** 2
-    torch.testing.assert_close(var, expected_var, rtol=1e-5, atol=1e-5)
+    want_mean, want_var, f = expected(near_mean, near_var)
+    assert f == 1.0
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), want_var, rtol=1e-5, atol=1e-5)
+    # far from them (a drift begins: the source's statistics, mean 0 and
+    # variance 1, against a batch at 3 +- 2): the prior shrinks to almost
+    # nothing and the batch's own statistics decide
+    adapter.reset_running()
+    mean, var = adapter.statistics(batch)
+    want_mean, want_var, f = expected(torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64))
+    assert f < 0.05
+    torch.testing.assert_close(mean.double(), want_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var.double(), want_var, rtol=1e-5, atol=1e-5)
+    assert (mean - batch.mean(0)).abs().max() < 0.05
+    # forwarded again with update_running off (the healer's step), the same statistics
+    adapter.update_running = False
+    again_mean, again_var = adapter.statistics(batch)
+    assert torch.equal(again_mean, mean) and torch.equal(again_var, var)
+    adapter.update_running = True
     # robust mode normalises with the running statistics, updated slowly:
     # over robust_horizon (4096) samples rather than running_horizon (128)
     adapter.robust = True
@@ -162,6 +194,33 @@ def test_norm_statistics_prior_small_batches_robust_mode_and_nan():
     assert bn.running_mean.abs().sum() == 0
     with pytest.raises(TypeError, match="BatchNorm"):
         NormStatsAdapter(nn.LayerNorm(4))
+
+
+def test_norm_statistics_gradient_is_the_batch_statistics_gradient_whatever_the_prior():
+    # The prior steadies the values of the statistics; the gradient through
+    # them is the batch's own (as in TENT), not `w` times it. With the
+    # recent stream's statistics equal to the batch's, the values match a
+    # prior of 0, and so must the gradients.
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6).eval()
+    x = torch.randn(32, 6, 5, 5) * 1.5 + 0.5
+    dims = [0, 2, 3]
+    grads, outputs = [], []
+    for prior in (0.0, 128.0):
+        adapter = NormStatsAdapter(bn, prior=prior)
+        adapter.running_mean.copy_(x.mean(dims))
+        adapter.running_var.copy_(x.var(dims, unbiased=False))
+        adapter.update_running = False
+        leaf = x.clone().requires_grad_(True)
+        out = adapter.normalise(bn, leaf)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append(leaf.grad)
+        outputs.append(out.detach())
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    # (the mixture's own gradient would scale the statistics' share by w = 32 / 160)
+    assert (grads[0] - torch.linspace(-1, 1, x.numel()).view_as(x) * torch.rsqrt(
+        x.var(dims, unbiased=False) + bn.eps).view(1, -1, 1, 1)).abs().max() > 1e-2
 
 
 def test_reset_parameters_returns_to_identity_when_active():

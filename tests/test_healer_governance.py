@@ -441,7 +441,7 @@ def test_runs_of_classes_are_audited_with_the_state_and_staged_statistics_follow
 def test_robust_horizon_and_norm_prior_reach_every_copy_of_the_adapters(setting, prior):
     options = {} if prior is None else {"norm_prior": prior}
     healer = _healer(setting, robust_horizon=1024, mode="deferred", **options)
-    expected = 8.0 if prior is None else prior  # (the default)
+    expected = 128.0 if prior is None else prior  # (the default)
     try:
         assert {(a.robust_horizon, a.prior) for a in healer.adapters.norm_adapters()} == {(1024.0, expected)}
         _, shadow, _ = healer._detached_copy(healer._adapter_state())
