@@ -196,6 +196,33 @@ def test_norm_statistics_prior_small_batches_robust_mode_and_nan():
         NormStatsAdapter(nn.LayerNorm(4))
 
 
+def test_norm_statistics_prior_steadies_a_holding_drift_and_follows_a_change():
+    # While a drift holds, the recent stream's statistics make a better
+    # estimate of the true moments than one batch alone; when the stream
+    # changes, the batch's own statistics take over at once.
+    generator = torch.Generator().manual_seed(0)
+    bn = nn.BatchNorm1d(8).eval()  # source: mean 0, variance 1
+    adapter = NormStatsAdapter(bn)  # defaults: prior 128, running horizon 128
+    errors_used, errors_batch = [], []
+    for step in range(16):  # a drift: mean 2, standard deviation 1.5
+        batch = torch.randn(64, 8, generator=generator) * 1.5 + 2.0
+        mean, var = adapter.statistics(batch)
+        if step == 0:
+            # the change from the source (2 in the mean): the batch's own
+            # statistics decide (within 5 % of the change; a prior of full
+            # weight would leave the mean a third of the way)
+            assert (mean - batch.mean(0)).abs().max() < 0.1
+        if step >= 6:
+            errors_used.append(float((mean - 2.0).square().mean() + (var - 2.25).square().mean()))
+            errors_batch.append(float((batch.mean(0) - 2.0).square().mean()
+                                      + (batch.var(0, unbiased=False) - 2.25).square().mean()))
+    assert sum(errors_used) < 0.6 * sum(errors_batch)
+    # the drift changes (mean -1: a change of 3), and the prior steps aside
+    batch = torch.randn(64, 8, generator=generator) * 1.5 - 1.0
+    mean, var = adapter.statistics(batch)
+    assert (mean - batch.mean(0)).abs().max() < 0.15
+
+
 def test_norm_statistics_gradient_is_the_batch_statistics_gradient_whatever_the_prior():
     # The prior steadies the values of the statistics; the gradient through
     # them is the batch's own (as in TENT), not `w` times it. With the
