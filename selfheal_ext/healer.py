@@ -9,7 +9,7 @@ Per batch (``healer(x)``):
    were returned-to-be, so they never depend on it): entropy minimisation over
    reliable, non-redundant samples weighted by confidence (EATA), anchored to
    the source by a Fisher penalty estimated at calibration with the model's own
-   pseudo-labels, plus BatchNorm statistics adaptation with a source prior;
+   pseudo-labels, plus BatchNorm statistics adaptation with a prior from the recent stream;
 4. guards: prediction collapse (measured against the source model on the same
    batches), divergence rising after adaptation, non-finite losses, a cap on
    how far adapter weights move and on steps per minute; a tripped guard rolls
@@ -461,7 +461,7 @@ class SelfHealer:
     def _batch_statistics_sums(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``[sum of entropies, rows, sum of probability vectors]`` of ``x``'s
         finite rows predicted with every BatchNorm on this batch's own
-        statistics (no source prior, whatever the batch size) and no other
+        statistics (no prior, whatever the batch size) and no other
         adapter applied: the source model re-normalised, as at calibration,
         however far the trained adapters have moved. Entropies normalised by
         ln C; float64 sums. Unseen by the monitor, running statistics

@@ -205,7 +205,7 @@ def test_batch_diversity_is_calibrated_between_diverse_batches_and_runs(task, so
     assert healer._batch_is_diverse(one_class) is False and healer._batch_information < levels["threshold"]
     assert healer._batch_is_diverse(task.sample(64)[0]) is True and healer._batch_information > levels["threshold"]
     assert healer._batch_is_diverse(task.sample(8)[0]) is None  # too few rows to tell
-    # the check uses the batch's statistics alone (no source prior), so a
+    # the check uses the batch's statistics alone (no prior), so a
     # small batch of one class is not pulled towards "diverse"
     assert healer._batch_is_diverse(one_class[:16]) is False
     healer.adapters.active = False
