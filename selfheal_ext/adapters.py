@@ -152,6 +152,31 @@ class NormStatsAdapter(nn.Module):
     def reset_running(self) -> None:
         self.running_mean.copy_(self.source_mean)
         self.running_var.copy_(self.source_var)
+        self._last_fold = None
+
+    @torch.no_grad()
+    def _fold(self, fold, horizon: float) -> None:
+        """Sets the running statistics to the moments of the mixture of
+        ``fold``'s earlier running statistics and its batch, the batch worth
+        ``count / (count + horizon)``: a batch of one has no variance of its
+        own, its distance to the running mean supplies it; a non-finite batch
+        changes nothing."""
+        mean, var, batch_mean, batch_var, finite, count, _ = fold
+        m = count / (count + horizon)
+        delta = torch.where(finite, batch_mean - mean, 0.0)
+        updated = (1 - m) * var + m * batch_var + m * (1 - m) * delta * delta
+        self.running_var.copy_(torch.where(finite, updated, var))
+        self.running_mean.copy_(mean + m * delta)
+
+    def refold_robust(self) -> None:
+        """Folds the last batch in again as robust mode would have, over
+        ``robust_horizon`` (the healer found, after serving it, that the batch
+        was a run of classes: it must not move the recent stream's moments
+        by a third). Nothing to do when it already was, or after a reset."""
+        fold = getattr(self, "_last_fold", None)
+        if fold is not None and fold[-1] != self.robust_horizon:
+            self._last_fold = fold[:-1] + (self.robust_horizon,)
+            self._fold(self._last_fold, self.robust_horizon)
 
     def statistics(self, x: torch.Tensor):
         """Mean and variance per channel for input ``x [N, C, *]`` of the layer."""
@@ -175,16 +200,10 @@ class NormStatsAdapter(nn.Module):
         # correlated, so a single image must not outweigh the prior.
         count = values.shape[0]
         if self.update_running:
-            with torch.no_grad():
-                # moments of the mixture (recent stream, this batch): a batch
-                # of one has no variance of its own, its distance to the
-                # running mean supplies it; a non-finite batch changes nothing
-                horizon = self.robust_horizon if self.robust else self.running_horizon
-                m = count / (count + horizon)
-                delta = torch.where(finite, batch_mean.detach() - self.running_mean, 0.0)
-                updated = (1 - m) * self.running_var + m * batch_var.detach() + m * (1 - m) * delta * delta
-                self.running_var.copy_(torch.where(finite, updated, self.running_var))
-                self.running_mean.add_(delta, alpha=m)
+            horizon = self.robust_horizon if self.robust else self.running_horizon
+            self._last_fold = (self.running_mean.clone(), self.running_var.clone(), batch_mean.detach(),
+                               batch_var.detach(), finite, count, horizon)
+            self._fold(self._last_fold, horizon)
         if self.robust or count < self.min_batch:
             # small batches: the recent stream's statistics (this batch included)
             return self.running_mean, self.running_var
@@ -345,6 +364,11 @@ class AdapterSet(nn.Module):
     def set_robust(self, robust: bool) -> None:
         for adapter in self.norm_adapters():
             adapter.robust = robust
+
+    def refold_robust(self) -> None:
+        """See ``NormStatsAdapter.refold_robust``."""
+        for adapter in self.norm_adapters():
+            adapter.refold_robust()
 
     def set_update_running(self, update: bool) -> None:
         for adapter in self.norm_adapters():

@@ -402,6 +402,8 @@ class SelfHealer:
         # classes), False (a run), None (not checked); and its information
         self._check: Optional[bool] = None
         self._check_tried = False
+        self._served_fast = False
+        self._served_source = None
         self._batch_information: Optional[float] = None
         self._check_seconds = 0.0
         # the served forward's autograd graph, kept for this batch's step
@@ -752,13 +754,27 @@ class SelfHealer:
         # and a drift can make it predict one class for every input, which
         # looks like a run too: the batch-statistics check decides.
         self._check, self._check_tried, self._batch_information, self._batch_spread = None, False, None, None
+        self._served_source = None
         checked = time.perf_counter()
-        if (self._robust_norm() or self._run_hinted(self._label_shift)) and not held and self.active \
-                and not self.suspended:
-            self._check = self._batch_is_diverse(x)
+        if not held and self.active and not self.suspended:
+            hinted = self._robust_norm() or self._run_hinted(self._label_shift)
+            if not hinted:
+                # this batch's own source class mix (the source forward the
+                # guards take anyway, taken before serving): a run that
+                # begins here is checked before it is served, never served
+                # with its own statistics nor folded into the recent
+                # stream's moments at the fast rate
+                self._served_source = self._source_logits(x)
+                source = self._served_source if self._served_source is not None else \
+                    torch.empty(0, self._long_probs.numel(), device=self._device())  # (an empty batch)
+                hinted = self._looks_like_run(self._guard_statistics(source, source))  # (a collective)
+            if hinted:
+                self._check = self._batch_is_diverse(x)
         self._check_seconds = time.perf_counter() - checked  # (adaptation overhead in self.timing)
         self.adapters.set_robust(self._in_run() or held)
         self.adapters.set_update_running(not held)
+        # (the statistics adapters fold this batch in at the fast rate)
+        self._served_fast = self.active and not self.suspended and not held and not self._in_run()
         # The monitor's read_every spares dormant serving; every batch is
         # read while the adapters work (release and guards need each one).
         self.monitor.read_all = self.active or self.suspended
@@ -1075,14 +1091,16 @@ class SelfHealer:
         if self.suspended:
             self._track(logits)  # dormant: the served logits are the source's
             return
-        source_logits = self._source_logits(x)
+        source_logits = self._served_source if self._served_source is not None else self._source_logits(x)
         self._remember_source(source_logits)
         stats = self._guard_statistics(logits, source_logits)
-        if not self._check_tried and not self.hold and self.policy.hours_allow() and self._looks_like_run(stats):
-            # served as diverse (no run suspected before it), but its own
-            # class mix hints at one: checked before it is learnt from
-            self._check = self._batch_is_diverse(x)
         self._track_merged(stats)
+        if self._served_fast and self._in_run():
+            # served as many classes, and the label-shift guard, with this
+            # batch folded in, calls it a run (the check could not tell:
+            # too few rows, or no check): its statistics move the recent
+            # stream's moments only as a run's do
+            self.adapters.refold_robust()
         if self._guards(stats, report):
             return
         # (runs of classes included: the guard compares the adapted and the

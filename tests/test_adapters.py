@@ -223,6 +223,42 @@ def test_norm_statistics_prior_steadies_a_holding_drift_and_follows_a_change():
     assert (mean - batch.mean(0)).abs().max() < 0.15
 
 
+def test_norm_statistics_refold_robust_is_the_slow_fold_of_the_same_batch():
+    # A batch served as many classes and found, after serving, to be a run:
+    # its fold into the running moments is redone as robust mode's (over
+    # robust_horizon), exactly as if it had been served in robust mode.
+    generator = torch.Generator().manual_seed(0)
+    bn = nn.BatchNorm1d(6).eval()
+    fast, slow = NormStatsAdapter(bn), NormStatsAdapter(bn)
+    mean, var = torch.randn(6, generator=generator), torch.rand(6, generator=generator) + 0.5
+    for adapter in (fast, slow):  # a shared history first
+        adapter.running_mean.copy_(mean)
+        adapter.running_var.copy_(var)
+    run = torch.randn(64, 6, generator=generator) * 0.3 + 3.0
+    fast.statistics(run)
+    assert (fast.running_mean - slow.running_mean).abs().min() > 0.3  # a third of the way to 3: moved far
+    slow.robust = True
+    slow.statistics(run)
+    fast.refold_robust()
+    torch.testing.assert_close(fast.running_mean, slow.running_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fast.running_var, slow.running_var, rtol=0, atol=1e-6)
+    # once only (a second call changes nothing), and nothing to redo after a
+    # reset or when the batch already was folded in robust mode
+    fast.refold_robust()
+    torch.testing.assert_close(fast.running_mean, slow.running_mean, rtol=0, atol=1e-6)
+    slow.refold_robust()
+    torch.testing.assert_close(fast.running_mean, slow.running_mean, rtol=0, atol=1e-6)
+    fast.reset_running()
+    fast.refold_robust()
+    assert torch.equal(fast.running_mean, fast.source_mean) and torch.equal(fast.running_var, fast.source_var)
+    # a non-finite batch changed nothing, and its refold changes nothing either
+    before = slow.running_mean.clone(), slow.running_var.clone()
+    slow.robust = False
+    slow.statistics(torch.full((64, 6), float("nan")))
+    slow.refold_robust()
+    assert torch.equal(slow.running_mean, before[0]) and torch.equal(slow.running_var, before[1])
+
+
 def test_norm_statistics_gradient_is_the_batch_statistics_gradient_whatever_the_prior():
     # The prior steadies the values of the statistics; the gradient through
     # them is the batch's own (as in TENT), not `w` times it. With the

@@ -188,6 +188,59 @@ def test_label_ordered_stream_is_not_learnt_from_by_default(task, source_model):
     assert sum(e.kind == "step" for e in healer.events) <= 2
 
 
+def _active_on_a_drift_with_nothing_hinting_at_a_run(task, source_model, **options):
+    healer = make_healer(task, source_model, **options)
+    for x, _ in drift_stream(task, batches=12):
+        healer(x)
+    assert healer.active and not healer._in_run()
+    healer._label_shift, healer._robust = None, False  # nothing hints at a run before the next batch
+    return healer
+
+
+def test_a_run_that_begins_is_checked_before_it_is_served(task, source_model):
+    # Nothing hinted at a run before this batch; its own source class mix
+    # does (read before serving, from the source forward the guards take
+    # anyway), so the check runs first and the run is served with the
+    # robust statistics, folded in slowly, and not learnt from.
+    healer = _active_on_a_drift_with_nothing_hinting_at_a_run(task, source_model)
+    run = task.sample(64, corrupt=True, labels=torch.full((64,), 1))[0]
+    steps = healer.steps
+    served = healer(run)
+    assert healer._check is False and not healer._served_fast and healer.steps == steps
+    assert healer.events[-1].kind == "skip" and healer.events[-1].detail["batch_information"] is not None
+    norms = healer.adapters.norm_adapters()
+    assert all(a._last_fold[-1] == a.robust_horizon for a in norms)
+    # the output is the robust statistics' (the running moments, this batch
+    # folded in slowly): the same forward again, nothing folded in twice
+    healer.adapters.set_robust(True)
+    healer.adapters.set_update_running(False)
+    with torch.no_grad(), healer.monitor.paused():
+        assert torch.equal(healer.model(run), served)
+
+
+def test_a_run_found_after_serving_moves_the_running_statistics_only_as_a_run(task, source_model):
+    # Without the batch-statistics check nothing can call the batch a run
+    # before it is served: it is served with its own statistics, folded into
+    # the recent stream's moments at the fast rate. The label-shift guard,
+    # with its class mix folded in, then calls it a run: the fold is redone
+    # over robust_horizon, as if it had been served in robust mode.
+    healer = _active_on_a_drift_with_nothing_hinting_at_a_run(task, source_model, batch_diversity=False)
+    norms = healer.adapters.norm_adapters()
+    before = [(a.running_mean.clone(), a.running_var.clone()) for a in norms]
+    run = task.sample(64, corrupt=True, labels=torch.full((64,), 1))[0]
+    steps = healer.steps
+    healer(run)
+    assert healer._served_fast and healer._check is None and healer._in_run() and healer.steps == steps
+    assert healer.events[-1].kind == "skip"
+    for adapter, (mean, var) in zip(norms, before):
+        old_mean, old_var, batch_mean, batch_var, _, count, horizon = adapter._last_fold
+        assert torch.equal(old_mean, mean) and torch.equal(old_var, var) and horizon == adapter.robust_horizon
+        m = count / (count + adapter.robust_horizon)
+        torch.testing.assert_close(adapter.running_mean, mean + m * (batch_mean - mean))
+        # (the fast fold would have moved it by count / (count + running_horizon), a third)
+        assert (adapter.running_mean - mean).abs().max() < 0.05 * (batch_mean - mean).abs().max()
+
+
 def collapsing_stream(task, batches=20):
     """A drift strong enough that the source predicts one class for
     (almost) every input: i.i.d. batches that look like a run of one class."""
