@@ -123,8 +123,9 @@ class NormStatsAdapter(nn.Module):
     batches hold classes in runs (label-ordered streams). Robust mode updates
     them slowly, over about ``robust_horizon`` samples (RoTTA's robust BN: a
     window long enough to span many runs), so a run of one class moves them
-    little while a drift that persists is still followed. The layer's own
-    buffers are never written.
+    little while a drift that persists is still followed; a batch found to be
+    a run only after it was served is folded in again that way
+    (``refold_robust``). The layer's own buffers are never written.
     """
 
     # ``d`` above which the running statistics' weight shrinks (``f < 1``).

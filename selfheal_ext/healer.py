@@ -131,12 +131,13 @@ class SelfHealer:
             the recent stream's by more than this KL divergence (nats; classes
             arriving in runs, label-ordered streams) is not learnt from, and
             BatchNorm uses its running statistics for it (``inf``: never).
-        batch_diversity: such a batch is checked once more before it is
-            treated as a run: normalised with its own statistics, a batch of
-            one class loses its class signal (uncertain predictions), a batch
-            of many classes does not. Under a drift that makes the source
-            predict one class for everything, this tells the two apart; the
-            entropy level between them is calibrated (``False``: off).
+        batch_diversity: such a batch (or one whose class mix hints at it)
+            is checked once more, before it is served: normalised with its
+            own statistics, a batch of one class loses its class signal
+            (uninformative predictions), a batch of many classes does not.
+            Under a drift that makes the source predict one class for
+            everything, this tells the two apart; the information level
+            between them is calibrated (``False``: off).
         robust_horizon: samples over which BatchNorm statistics follow the
             stream while classes arrive in runs (RoTTA's robust BN; larger:
             slower, safer on long runs of one class).
