@@ -181,7 +181,9 @@ class NormStatsAdapter(nn.Module):
 
     def statistics(self, x: torch.Tensor):
         """Mean and variance per channel for input ``x [N, C, *]`` of the layer."""
-        if x.shape[0] == 0:  # an empty batch: nothing to estimate from
+        if x.shape[0] == 0:  # an empty batch: nothing to estimate from, nothing folded in
+            if self.update_running:
+                self._last_fold = None
             return self.running_mean, self.running_var
         dims = [0] + list(range(2, x.dim()))
         values = x.float()

@@ -1044,8 +1044,9 @@ class SelfHealer:
 
     def _source_logits(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The source model's logits for ``x`` (adapters switched off for one
-        extra forward pass, unseen by the monitor); None for an empty batch."""
-        if x.shape[0] < 1:
+        extra forward pass, unseen by the monitor); None for an empty batch
+        (or a 0-d tensor: the served forward reports what is wrong with it)."""
+        if x.dim() == 0 or x.shape[0] < 1:
             return None
         was_active = self.adapters.active
         with torch.no_grad(), self.monitor.paused():

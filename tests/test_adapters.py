@@ -257,6 +257,13 @@ def test_norm_statistics_refold_robust_is_the_slow_fold_of_the_same_batch():
     slow.statistics(torch.full((64, 6), float("nan")))
     slow.refold_robust()
     assert torch.equal(slow.running_mean, before[0]) and torch.equal(slow.running_var, before[1])
+    # an empty batch folds nothing in and leaves nothing to refold (not the
+    # batch before it)
+    fast.statistics(run)
+    fast.statistics(run[:0])
+    before = fast.running_mean.clone()
+    fast.refold_robust()
+    assert torch.equal(fast.running_mean, before)
 
 
 def test_norm_statistics_gradient_is_the_batch_statistics_gradient_whatever_the_prior():
