@@ -55,6 +55,12 @@ _KEEP_VERSIONS = 20
 # on the "many classes" side. Chosen on the benchmark's seed 0, confirmed on
 # seed 1 (docs/architecture.md).
 _CHECK_SPLIT = 0.3
+# How far the split moves with the check's own recent verdicts in a drift
+# episode (an exponential mixture, each verdict worth _CHECK_MEMORY, starting
+# at "many classes"): from _CHECK_SPLIT - _CHECK_SWAY / 2 after a row of
+# "many classes" to _CHECK_SPLIT + _CHECK_SWAY / 2 after a row of runs
+# (docs/architecture.md, "the check's recent verdicts").
+_CHECK_SWAY, _CHECK_MEMORY = 0.3, 0.5
 # The check's second measure, the spread of the rows at the last BatchNorm
 # layer (see _batch_statistics_sums): used where calibration separates runs
 # from healthy batches by at least this many standard deviations (d'), with
@@ -406,6 +412,9 @@ class SelfHealer:
         self._served_fast = False
         self._served_source = None
         self._batch_information: Optional[float] = None
+        self._batch_threshold: Optional[float] = None  # (the information threshold the check used)
+        # the check's recent verdicts in this drift episode (1: many classes)
+        self._check_prior = 1.0
         self._check_seconds = 0.0
         # the served forward's autograd graph, kept for this batch's step
         self._served_graph = None
@@ -607,10 +616,11 @@ class SelfHealer:
                 result["spread_threshold"] = spread_run + _SPREAD_SPLIT * (spread_diverse - spread_run)
         return result
 
-    def _batch_is_diverse(self, x: torch.Tensor) -> Optional[bool]:
+    def _batch_is_diverse(self, x: torch.Tensor, onset: bool = False) -> Optional[bool]:
         """The batch-statistics check: True when ``x``'s predictions with its
-        own statistics tell its rows apart (information above the calibrated
-        threshold, or, where calibration found it telling, the rows' spread
+        own statistics tell its rows apart (information above the threshold
+        of ``_information_threshold``: the calibrated one, moved by the
+        check's recent verdicts; or, where calibration found it telling, the rows' spread
         at the last BatchNorm layer above its threshold), False when not (a
         run of classes), None when it cannot tell (no check, too few rows).
         Under a process group each rank measures its own rows, as at
@@ -633,8 +643,29 @@ class SelfHealer:
         self._batch_information = merged[0] / merged[1]
         self._batch_spread = merged[2] / merged[3] if merged[3] else None
         spread_threshold = self._diversity.get("spread_threshold")
-        return self._batch_information > self._diversity["threshold"] or \
+        self._batch_threshold = self._information_threshold(onset)
+        diverse = self._batch_information > self._batch_threshold or \
             (spread_threshold is not None and self._batch_spread is not None and self._batch_spread > spread_threshold)
+        self._check_prior = (1 - _CHECK_MEMORY) * self._check_prior + _CHECK_MEMORY * float(diverse)
+        return diverse
+
+    def _information_threshold(self, onset: bool = False) -> float:
+        """The information above which the check calls a batch "many
+        classes": ``_CHECK_SPLIT`` of the way up from the runs' calibrated
+        level to the healthy batches', moved by the check's recent verdicts
+        in this drift episode (``_check_prior``: 1 after a row of "many
+        classes", 0 after a row of runs) by up to ``_CHECK_SWAY / 2`` either
+        way. Runs of classes persist over batches, and so does an i.i.d.
+        drifted stream, while one batch's information scatters around its
+        level: the verdicts before it are a prior for this one. The check
+        of the batch that activated the adapters (``onset``: no verdicts
+        yet, and a run that passes is served worse than the source served
+        it) uses the calibrated threshold; its verdict then counts as any
+        other's from the episode's start at "many classes"."""
+        levels = self._diversity
+        if onset:
+            return levels["threshold"]
+        return levels["threshold"] + _CHECK_SWAY * (0.5 - self._check_prior) * (levels["diverse"] - levels["run"])
 
     def _inputs(self, batch):
         if isinstance(batch, (tuple, list)):
@@ -755,6 +786,7 @@ class SelfHealer:
         # and a drift can make it predict one class for every input, which
         # looks like a run too: the batch-statistics check decides.
         self._check, self._check_tried, self._batch_information, self._batch_spread = None, False, None, None
+        self._batch_threshold = None
         self._served_source = None
         checked = time.perf_counter()
         if not held and self.active and not self.suspended:
@@ -828,7 +860,7 @@ class SelfHealer:
         norms = self.adapters.norm_adapters()
         if not norms or self._diversity is None:
             return output, logits
-        self._check = self._batch_is_diverse(x)  # (a collective: before any rank-local branch)
+        self._check = self._batch_is_diverse(x, onset=True)  # (a collective: before any rank-local branch)
         if self._check is not True or x.shape[0] < norms[0].min_batch:
             return output, logits
         self.adapters.set_robust(False)
@@ -1057,6 +1089,7 @@ class SelfHealer:
                 self.adapters.active = was_active
 
     def _activate(self, report: DriftReport) -> None:
+        self._check_prior = 1.0  # (a new episode: see _information_threshold)
         self.adapters.active = True
         self.clean_streak = 0
         self._downstream_baseline = None
@@ -1132,7 +1165,7 @@ class SelfHealer:
             # the statistics still moved (slowly): the state is hashed as for a step
             self._event("skip", state_hash=tensor_digest(self.adapters.state_dict()) if self.audit is not None
                         else None, reason="classes arrive in runs", label_shift=self._label_shift,
-                        batch_information=self._batch_information,
+                        batch_information=self._batch_information, check_threshold=self._batch_threshold,
                         batch_spread=self._batch_spread)
             return
         x = self._gather_small(x)
@@ -1499,6 +1532,7 @@ class SelfHealer:
         if self._check is True and model is self.model:
             # looked like a run of one class, but its own statistics say many classes
             detail["batch_information"] = self._batch_information
+            detail["check_threshold"] = self._batch_threshold
         if record:
             self._event("step", state_hash=tensor_digest(adapters.state_dict()) if self.audit is not None else None, **detail)
         if self.config["reset_every"] and self.steps % self.config["reset_every"] == 0:
@@ -1588,6 +1622,7 @@ class SelfHealer:
 
     def _stage_batch(self, x: torch.Tensor, logits: torch.Tensor, report: DriftReport) -> None:
         self._check, self._check_tried, self._batch_information, self._batch_spread = None, False, None, None
+        self._batch_threshold = None
         if self._stage is None:
             if not report.read:
                 return
@@ -1623,7 +1658,7 @@ class SelfHealer:
                 shadow.set_update_running(True)
                 model(x)
             self._event("skip", reason="classes arrive in runs", label_shift=self._label_shift, staged=True,
-                        batch_information=self._batch_information,
+                        batch_information=self._batch_information, check_threshold=self._batch_threshold,
                         batch_spread=self._batch_spread)
             return
         x = self._gather_small(x)
@@ -1645,6 +1680,7 @@ class SelfHealer:
         self._drift_passed(report)
         self._stage = self._detached_copy(self.versions[self.approved_version])
         self._stage_steps = 0
+        self._check_prior = 1.0  # (a new episode: see _information_threshold)
         self.clean_streak = 0
         self._pending = []
         self._event("activate", staged=True, score=report.score, reasons=list(report.reasons),
@@ -2126,7 +2162,7 @@ class SelfHealer:
                              "clean_streak": self.clean_streak, "episode_trips": self._episode_trips,
                              "hold": self.hold, "suspended": self.suspended, "input_visible": self._input_visible},
                 "mean_probs": None if self._mean_probs is None else self._mean_probs.clone(),
-                "label_shift": self._label_shift, "robust": self._robust,
+                "label_shift": self._label_shift, "robust": self._robust, "check_prior": self._check_prior,
                 "pending": [t.clone() for t in self._pending],
                 "reference_probs": None if self._reference_probs is None else self._reference_probs.clone(),
                 "diversity": None if self._diversity is None else dict(self._diversity),
@@ -2189,6 +2225,7 @@ class SelfHealer:
             self._label_shift = state["label_shift"]
             self._pending = [t.to(device, copy=True) for t in state["pending"]]
             self._robust = bool(state["robust"])
+            self._check_prior = float(state.get("check_prior", 1.0))  # (absent from older states)
             self._reference_probs = None if state["reference_probs"] is None else state["reference_probs"].clone()
             self._long_probs = None if state["long_probs"] is None else state["long_probs"].clone()
             # (absent from states saved before batch_diversity; levels of the

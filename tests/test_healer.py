@@ -247,6 +247,15 @@ def collapsing_stream(task, batches=20):
     return [(x * 0.3 + 3.0, y) for x, y in drift_stream(task, batches=batches)]
 
 
+def _neutral(check, healer):
+    """The batch-statistics check with its recent verdicts reset to neither
+    side before each call: its threshold is then the calibrated one."""
+    def call(x, **options):
+        healer._check_prior = 0.5
+        return check(x, **options)
+    return call
+
+
 def test_batch_diversity_is_calibrated_between_diverse_batches_and_runs(task, source_model):
     healer = make_healer(task, source_model)
     levels = healer._diversity
@@ -255,6 +264,8 @@ def test_batch_diversity_is_calibrated_between_diverse_batches_and_runs(task, so
     # a batch of one class, normalised with its own statistics, loses its class signal
     one_class = task.sample(64, labels=torch.full((64,), 3))[0]
     healer.adapters.active = True
+    # (with no verdicts to lean on, neither way, the threshold is the calibrated one)
+    healer._batch_is_diverse = _neutral(healer._batch_is_diverse, healer)
     assert healer._batch_is_diverse(one_class) is False and healer._batch_information < levels["threshold"]
     assert healer._batch_is_diverse(task.sample(64)[0]) is True and healer._batch_information > levels["threshold"]
     assert healer._batch_is_diverse(task.sample(8)[0]) is None  # too few rows to tell
@@ -262,6 +273,7 @@ def test_batch_diversity_is_calibrated_between_diverse_batches_and_runs(task, so
     # small batch of one class is not pulled towards "diverse"
     assert healer._batch_is_diverse(one_class[:16]) is False
     healer.adapters.active = False
+    del healer._batch_is_diverse  # (the healer's own check, verdicts and all, while it serves)
     # trained adapters do not move the check: it re-normalises the source model
     for x, _ in drift_stream(task, batches=30):
         healer(x)
@@ -285,6 +297,52 @@ def test_batch_diversity_is_calibrated_between_diverse_batches_and_runs(task, so
     healer = SelfHealer(plain, monitor_options=MONITOR)
     healer.calibrate([task.sample(64)[0] for _ in range(24)])
     assert healer._diversity is None
+
+
+def test_the_checks_recent_verdicts_move_its_threshold(task, source_model):
+    # Runs of classes persist over batches, and so does an i.i.d. drifted
+    # stream: the check's threshold leans towards its own recent verdicts,
+    # by up to _CHECK_SWAY / 2 of the way between the calibrated levels.
+    import selfheal_ext.healer as healer_module
+    healer = make_healer(task, source_model)
+    levels = healer._diversity
+    gap = levels["diverse"] - levels["run"]
+    sway = healer_module._CHECK_SWAY
+    for prior, expected in ((1.0, levels["threshold"] - sway / 2 * gap), (0.5, levels["threshold"]),
+                            (0.0, levels["threshold"] + sway / 2 * gap)):
+        healer._check_prior = prior
+        assert healer._information_threshold() == pytest.approx(expected)
+    # the onset's check (no verdicts yet) uses the calibrated threshold
+    assert healer._information_threshold(onset=True) == levels["threshold"]
+    # a batch right at the calibrated threshold: "many classes" after a row
+    # of such verdicts, "run" after a row of runs
+    x = task.sample(64, corrupt=True)[0]
+    healer.adapters.active = True
+    healer._check_prior = 0.5
+    healer._batch_is_diverse(x)
+    healer._diversity = dict(levels, threshold=healer._batch_information, spread_threshold=None)
+    healer._check_prior = 1.0
+    assert healer._batch_is_diverse(x) is True and healer._batch_threshold < healer._batch_information
+    assert healer._check_prior == 1.0
+    healer._check_prior = 0.0
+    assert healer._batch_is_diverse(x) is False and healer._check_prior == 0.0
+    # each verdict weighs _CHECK_MEMORY
+    healer._check_prior = 0.5
+    healer._batch_is_diverse(x)  # (at the calibrated threshold: not above it)
+    assert healer._check_prior == pytest.approx(0.5 * (1 - healer_module._CHECK_MEMORY))
+    # saved and restored with the state; a new drift episode starts at "many classes"
+    twin = make_healer(task, source_model)
+    twin.load_state_dict(healer.state_dict())
+    assert twin._check_prior == healer._check_prior
+    healer.adapters.active = False
+    healer._diversity = levels
+    healer._check_prior = 0.0
+    healer.reset()
+    assert healer._check_prior == 1.0
+    healer(task.sample(64, corrupt=True)[0])
+    healer._check_prior = 0.0
+    healer._activate(healer.drift)
+    assert healer._check_prior == 1.0
 
 
 def test_the_check_also_reads_the_rows_spread_at_the_last_norm_layer(task, source_model, monkeypatch):
