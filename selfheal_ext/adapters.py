@@ -149,6 +149,8 @@ class NormStatsAdapter(nn.Module):
         self.register_buffer("running_var", self.source_var.clone())
         self.robust = False  # set by the healer per batch
         self.update_running = True  # False during re-forwards of the same batch
+        # the last batch's fold into the running statistics (see refold_robust)
+        self._last_fold = None
 
     def reset_running(self) -> None:
         self.running_mean.copy_(self.source_mean)
@@ -174,7 +176,7 @@ class NormStatsAdapter(nn.Module):
         ``robust_horizon`` (the healer found, after serving it, that the batch
         was a run of classes: it must not move the recent stream's moments
         by a third). Nothing to do when it already was, or after a reset."""
-        fold = getattr(self, "_last_fold", None)
+        fold = self._last_fold
         if fold is not None and fold[-1] != self.robust_horizon:
             self._last_fold = fold[:-1] + (self.robust_horizon,)
             self._fold(self._last_fold, self.robust_horizon)

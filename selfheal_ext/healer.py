@@ -408,7 +408,6 @@ class SelfHealer:
         # the batch-statistics check of the batch being served: True (many
         # classes), False (a run), None (not checked); and its information
         self._check: Optional[bool] = None
-        self._check_tried = False
         self._served_fast = False
         self._served_source = None
         self._batch_information: Optional[float] = None
@@ -626,7 +625,6 @@ class SelfHealer:
         Under a process group each rank measures its own rows, as at
         calibration, and the ranks decide together on the means of their
         measures."""
-        self._check_tried = True
         minimum = self._diversity_rows()
         if self._diversity is None or minimum is None:
             return None
@@ -785,7 +783,7 @@ class SelfHealer:
         # drifted source spreads its predictions over a run of one class),
         # and a drift can make it predict one class for every input, which
         # looks like a run too: the batch-statistics check decides.
-        self._check, self._check_tried, self._batch_information, self._batch_spread = None, False, None, None
+        self._check, self._batch_information, self._batch_spread = None, None, None
         self._batch_threshold = None
         self._served_source = None
         checked = time.perf_counter()
@@ -1621,7 +1619,7 @@ class SelfHealer:
         return output
 
     def _stage_batch(self, x: torch.Tensor, logits: torch.Tensor, report: DriftReport) -> None:
-        self._check, self._check_tried, self._batch_information, self._batch_spread = None, False, None, None
+        self._check, self._batch_information, self._batch_spread = None, None, None
         self._batch_threshold = None
         if self._stage is None:
             if not report.read:
