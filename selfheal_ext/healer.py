@@ -161,8 +161,9 @@ class SelfHealer:
         mode: ``"inline"`` (one step per batch after predicting) or
             ``"deferred"`` (steps on a background thread from a replay buffer).
         monitor_options: keyword arguments for the ``DriftMonitor``.
-        process_group: a ``torch.distributed`` group: counts, decisions and
-            adapter gradients are merged across its ranks.
+        process_group: a ``torch.distributed`` group: counts, decisions,
+            adapter gradients and the statistics adapters' running moments
+            are merged across its ranks.
         audit: an ``AuditLog``, a path to one (SQLite), or True for
             ``selfheal_audit.db`` in the working directory: every event
             becomes a hash-chained record (give each rank of a process group
@@ -1134,6 +1135,7 @@ class SelfHealer:
             # too few rows, or no check): its statistics move the recent
             # stream's moments only as a run's do
             self.adapters.refold_robust()
+        self._merge_running()
         if self._guards(stats, report):
             return
         # (runs of classes included: the guard compares the adapted and the
@@ -1308,6 +1310,30 @@ class SelfHealer:
             values = values.clone()
             dist.all_reduce(values, group=self.process_group)
         return values
+
+    def _merge_running(self) -> None:
+        """Under a process group, sets every statistics adapter's running
+        moments to those of the mixture of the ranks' (each rank worth the
+        same): the recent stream is the whole fleet's traffic, and every rank
+        normalises with, snapshots and hashes the same statistics. One
+        all_reduce of two floats per channel, after each active batch's folds
+        (every rank reaches it: the decisions before it are merged). A rank's
+        batch is then worth ``count / (count + running_horizon)`` of its
+        share: the horizon counts samples per rank."""
+        norms = self.adapters.norm_adapters()
+        if self.process_group is None or not norms:
+            return
+        import torch.distributed as dist
+        moments = torch.cat([torch.cat([a.running_mean.double(), a.running_var.double() + a.running_mean.double() ** 2])
+                             for a in norms])
+        moments = self._merged(moments) / dist.get_world_size(self.process_group)
+        offset = 0
+        for a in norms:
+            channels = a.running_mean.numel()
+            mean, second = moments[offset: offset + channels], moments[offset + channels: offset + 2 * channels]
+            a.running_mean.copy_(mean)
+            a.running_var.copy_((second - mean * mean).clamp_min(0.0))
+            offset += 2 * channels
 
     def _guard_statistics(self, logits, source_logits) -> Optional[torch.Tensor]:
         """[agreeing rows, rows, adapted probability sums [C], source probability
