@@ -51,8 +51,13 @@ def run_seed(seed, path, tasks, quick=False):
     command = [sys.executable, os.path.join(HERE, "bench_heal.py"), "--seed", str(seed), "--tasks", tasks,
                "--out", path + ".partial"] + (["--quick"] if quick else [])
     print(f"seed {seed}: {' '.join(command[1:])}", flush=True)
-    with open(path + ".log", "w") as log:
-        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=True)
+    log_path = path[:-len(".json")] + ".log"
+    with open(log_path, "w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        with open(log_path) as log:
+            tail = log.readlines()[-40:]
+        sys.exit(f"seed {seed} failed (exit {code}); the end of {log_path}:\n" + "".join(tail))
     os.replace(path + ".partial", path)  # a result file is always a whole run
 
 
