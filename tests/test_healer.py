@@ -363,10 +363,15 @@ def test_the_check_also_reads_the_rows_spread_at_the_last_norm_layer(task, sourc
     assert healer._batch_is_diverse(mixed) is False  # off: information alone
     healer.adapters.active = False
     # the spread is used where calibration separates runs from healthy
-    # batches by _SPREAD_SEPARATION standard deviations, half-way between them
-    for separation, used in ((0.0, True), (1e9, False)):
+    # batches by _SPREAD_SEPARATION standard deviations and their spreads by
+    # a ratio of at least exp(_SPREAD_MIN_GAP), half-way between them
+    gap = levels["spread_diverse"] - levels["spread_run"]
+    for separation, min_gap, used in ((0.0, 0.0, True), (1e9, 0.0, False), (0.0, gap * 0.99, True),
+                                      (0.0, gap * 1.01, False)):
         monkeypatch.setattr(healer_module, "_SPREAD_SEPARATION", separation)
+        monkeypatch.setattr(healer_module, "_SPREAD_MIN_GAP", min_gap)
         levels = make_healer(task, source_model)._diversity
+        assert levels["spread_separation"] > 0
         if used:
             assert levels["spread_threshold"] == pytest.approx(
                 levels["spread_run"] + 0.5 * (levels["spread_diverse"] - levels["spread_run"]))
