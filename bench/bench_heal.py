@@ -350,6 +350,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    unknown = sorted(set(args.tasks.split(",")) - {"digits", "tabular"})
+    if unknown:
+        parser.error(f"unknown task(s) {unknown}: choose from digits, tabular")
     args.epochs = 4 if args.quick else 15
     args.batches = 6 if args.quick else 20
     args.batch_one_samples = 40 if args.quick else 600

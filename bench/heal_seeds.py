@@ -122,6 +122,9 @@ def main():
     parser.add_argument("--no-run", action="store_true", help="only summarise the results already in DIR")
     parser.add_argument("--quick", action="store_true", help="bench_heal.py --quick for each seed (a smoke run)")
     args = parser.parse_args()
+    unknown = sorted(set(args.tasks.split(",")) - {"digits", "tabular"})
+    if unknown:
+        parser.error(f"unknown task(s) {unknown}: choose from digits, tabular")
     os.makedirs(args.dir, exist_ok=True)
     if args.seeds is not None and not args.no_run:
         for seed in args.seeds:
