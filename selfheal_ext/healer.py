@@ -67,7 +67,8 @@ _CHECK_SWAY, _CHECK_MEMORY = 0.3, 0.5
 # its threshold half-way between their levels: at d' = 4 about 2 % of
 # healthy-data runs land above it (5 until the gap below existed, when d'
 # alone had to keep it off the MLP; the digits CNN's d' is 4.6-10.4 over 15
-# calibrations, and on the two under 5 noise took 5 points off reset).
+# calibrations, and on the two under 5, seeds 13 and 14, reset lost 4-5.5
+# points on each noise corruption with the spread off).
 _SPREAD_SEPARATION, _SPREAD_SPLIT = 4.0, 0.5
 # ... and where healthy batches spread at least this much more than runs (a
 # log ratio of variances: twice as much). The spread is relative to the
