@@ -125,7 +125,12 @@ class NormStatsAdapter(nn.Module):
     window long enough to span many runs), so a run of one class moves them
     little while a drift that persists is still followed; a batch found to be
     a run only after it was served is folded in again that way
-    (``refold_robust``). The layer's own buffers are never written.
+    (``refold_robust``). A layer marked ``class_agnostic`` (set by the
+    healer's calibration: a batch of one class barely moves its statistics,
+    as at the first convolution of an image model, which sees strokes and
+    edges rather than digits) ignores robust mode: its batch statistics say
+    nothing about which classes the batch holds, and a drift shows in them
+    at once. The layer's own buffers are never written.
     """
 
     # ``d`` above which the running statistics' weight shrinks (``f < 1``).
@@ -148,6 +153,7 @@ class NormStatsAdapter(nn.Module):
         self.register_buffer("running_mean", self.source_mean.clone())
         self.register_buffer("running_var", self.source_var.clone())
         self.robust = False  # set by the healer per batch
+        self.class_agnostic = False  # set by the healer's calibration: robust mode does not apply
         self.update_running = True  # False during re-forwards of the same batch
         # the last batch's fold into the running statistics (see refold_robust)
         self._last_fold = None
@@ -175,9 +181,10 @@ class NormStatsAdapter(nn.Module):
         """Folds the last batch in again as robust mode would have, over
         ``robust_horizon`` (the healer found, after serving it, that the batch
         was a run of classes: it must not move the recent stream's moments
-        by a third). Nothing to do when it already was, or after a reset."""
+        by a third). Nothing to do when it already was, after a reset, or
+        on a ``class_agnostic`` layer (robust mode does not apply to it)."""
         fold = self._last_fold
-        if fold is not None and fold[-1] != self.robust_horizon:
+        if fold is not None and fold[-1] != self.robust_horizon and not self.class_agnostic:
             self._last_fold = fold[:-1] + (self.robust_horizon,)
             self._fold(self._last_fold, self.robust_horizon)
 
@@ -204,12 +211,13 @@ class NormStatsAdapter(nn.Module):
         # Counted in samples: the values of one sample's feature map are
         # correlated, so a single image must not outweigh the prior.
         count = values.shape[0]
+        robust = self.robust and not self.class_agnostic
         if self.update_running:
-            horizon = self.robust_horizon if self.robust else self.running_horizon
+            horizon = self.robust_horizon if robust else self.running_horizon
             self._last_fold = (self.running_mean.clone(), self.running_var.clone(), batch_mean.detach(),
                                batch_var.detach(), finite, count, horizon)
             self._fold(self._last_fold, horizon)
-        if self.robust or count < self.min_batch:
+        if robust or count < self.min_batch:
             # small batches: the recent stream's statistics (this batch included)
             return self.running_mean, self.running_var
         running_mean, running_var = self.running_mean, self.running_var

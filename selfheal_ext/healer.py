@@ -79,6 +79,17 @@ _SPREAD_SEPARATION, _SPREAD_SPLIT = 4.0, 0.5
 # the MLP's passed the separation test (5.3) and runs drifted by gain or
 # offset read as many classes (label-ordered 7 points under the source).
 _SPREAD_MIN_GAP = math.log(2.0)
+# A statistics layer whose statistics one class moves by less than this is
+# class-agnostic: robust mode leaves it on its batch statistics
+# (NormStatsAdapter.class_agnostic). The shift of a class is the mean over
+# channels of (class mean - mean)^2 / variance + log(class variance /
+# variance)^2 at the layer's input, against all calibration rows; a layer's
+# is the mean over the source's predicted classes. 0.03 is a class moving
+# the layer's normalisation by 0.17 standard deviations (root mean square).
+# On the healing benchmark's digits CNN, 14 calibrations: first layer
+# 0.013-0.023, second 0.034-0.043, third 0.39-0.49; tabular MLP 0.37-0.74
+# (docs/architecture.md, "class-agnostic layers").
+_AGNOSTIC_SHIFT = 0.03
 
 
 def _outside_inference_mode(method):
@@ -345,6 +356,9 @@ class SelfHealer:
         self._reference_probs: Optional[torch.Tensor] = None
         # calibrated entropy levels of batch-statistics predictions (batch_diversity)
         self._diversity: Optional[Dict[str, float]] = None
+        # per statistics adapter, how far one class moves its statistics
+        # (_calibrate_class_shift; under _AGNOSTIC_SHIFT: class-agnostic)
+        self._class_shift: Optional[List[float]] = None
         self._long_probs: Optional[torch.Tensor] = None
         self._listeners: List[Callable] = []
         # seconds of the last served batch: model forward (with taps and
@@ -473,6 +487,8 @@ class SelfHealer:
             self._reference_probs = self._reference_class_mix(batches)
             self._long_probs = self._reference_probs.clone()
             self._diversity = self._calibrate_diversity(batches)
+            self._class_shift = self._calibrate_class_shift(batches)
+            self._mark_class_agnostic()
         return report
 
     def _diversity_rows(self) -> Optional[int]:
@@ -629,6 +645,83 @@ class SelfHealer:
             if separation >= _SPREAD_SEPARATION and spread_diverse - spread_run >= _SPREAD_MIN_GAP:
                 result["spread_threshold"] = spread_run + _SPREAD_SPLIT * (spread_diverse - spread_run)
         return result
+
+    def _calibrate_class_shift(self, batches) -> Optional[List[float]]:
+        """How far one class moves each statistics layer's statistics
+        (``_AGNOSTIC_SHIFT``), one value per statistics adapter: the source
+        model forwards the calibration rows (adapters off), each row's
+        first and second moments per channel at the layer's input (over
+        positions, for a feature map) are pooled by the row's predicted
+        class, and each class of at least the statistics adapters' minimum
+        batch is compared with all rows. Merged over ranks. None without
+        statistics adapters, with the label-shift guard off (no robust
+        mode), or without a class of that many rows."""
+        norms = self.adapters.norm_adapters()
+        if not norms or math.isinf(self.config["label_shift"]):
+            return None
+        device = self._device()
+        inputs = [x[_finite_rows(x)] for x in (self._inputs(b).to(device) for b in batches[:32])]
+        inputs = [x for x in inputs if x.shape[0] > 0]
+        modules = [self.model.get_submodule(p.target) for p in self.adapters.placements if p.kind == "norm"]
+        classes = self._long_probs.numel()
+        # per layer and predicted class: sums of (1, row means, row second
+        # moments) per channel, in one tensor (one collective)
+        widths = [1 + 2 * a.source_mean.numel() for a in norms]
+        sums = torch.zeros(classes, sum(widths), dtype=torch.float64, device=device)
+        offsets = [sum(widths[:i]) for i in range(len(widths))]
+        moments: List[Optional[torch.Tensor]] = [None] * len(modules)
+
+        def capture(index):
+            def hook(module, args):
+                features = args[0].detach().double()
+                features = features.flatten(2) if features.dim() > 2 else features.unsqueeze(2)
+                moments[index] = torch.cat([torch.ones(features.shape[0], 1, dtype=torch.float64, device=device),
+                                            features.mean(dim=2), (features * features).mean(dim=2)], dim=1)
+            return hook
+        was_active = self.adapters.active
+        handles = [module.register_forward_pre_hook(capture(i)) for i, module in enumerate(modules)]
+        try:
+            with torch.no_grad(), self.monitor.paused():
+                self.adapters.active = False
+                for x in inputs:
+                    moments[:] = [None] * len(modules)
+                    predicted = self._logits(self.model(x)).argmax(dim=1)
+                    for index, rows in enumerate(moments):
+                        if rows is None or rows.shape != (predicted.shape[0], widths[index]):
+                            continue  # (a layer not reached, or reached by other rows)
+                        kept = torch.isfinite(rows).all(dim=1)
+                        sums[:, offsets[index]: offsets[index] + widths[index]].index_add_(
+                            0, predicted[kept], rows[kept])
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.adapters.active = was_active
+        sums = self._merged(sums)
+        minimum = max(8, max(a.min_batch for a in norms))
+        shifts = []
+        for offset, width in zip(offsets, widths):
+            total = sums[:, offset: offset + width]
+            channels = (width - 1) // 2
+            count, first, second = total[:, :1], total[:, 1:1 + channels], total[:, 1 + channels:]
+            large = count[:, 0] >= minimum
+            if not bool(large.any()):
+                shifts.append(math.nan)
+                continue
+            rows = count.sum()
+            mean = first.sum(dim=0) / rows
+            var = (second.sum(dim=0) / rows - mean * mean).clamp_min(1e-12)
+            class_mean = first[large] / count[large]
+            class_var = (second[large] / count[large] - class_mean * class_mean).clamp_min(1e-12)
+            shift = ((class_mean - mean) ** 2 / var + (class_var / var).log() ** 2).mean(dim=1)
+            shifts.append(float(shift.mean()))
+        return None if all(math.isnan(v) for v in shifts) else shifts
+
+    def _mark_class_agnostic(self) -> None:
+        """Marks the statistics adapters whose calibrated class shift is under
+        ``_AGNOSTIC_SHIFT``: robust mode leaves them on batch statistics."""
+        shifts = self._class_shift or []
+        for index, adapter in enumerate(self.adapters.norm_adapters()):
+            adapter.class_agnostic = index < len(shifts) and shifts[index] < _AGNOSTIC_SHIFT
 
     def _batch_is_diverse(self, x: torch.Tensor, onset: bool = False) -> Optional[bool]:
         """The batch-statistics check: True when ``x``'s predictions with its
@@ -2204,6 +2297,7 @@ class SelfHealer:
                 "pending": [t.clone() for t in self._pending],
                 "reference_probs": None if self._reference_probs is None else self._reference_probs.clone(),
                 "diversity": None if self._diversity is None else dict(self._diversity),
+                "class_shift": None if self._class_shift is None else list(self._class_shift),
                 "long_probs": None if self._long_probs is None else self._long_probs.clone(),
                 "input_taps": list(self._input_taps),
                 "guard_averages": {"agreement": self._agreement,
@@ -2276,6 +2370,15 @@ class SelfHealer:
                 diversity = None
             self._diversity = None if diversity is None else \
                 {k: (v if k == "measure" or v is None else float(v)) for k, v in diversity.items()}
+            # (absent from states saved before class-agnostic layers: none is)
+            class_shift = state.get("class_shift")
+            if class_shift is not None:
+                if not isinstance(class_shift, (list, tuple)) or len(class_shift) != len(self.adapters.norm_adapters()):
+                    raise ValueError("selfheal: the state's class_shift must hold one number per statistics "
+                                     f"adapter ({len(self.adapters.norm_adapters())}), got {class_shift!r}")
+                class_shift = [float(v) for v in class_shift]
+            self._class_shift = class_shift
+            self._mark_class_agnostic()
             self._input_taps = list(state["input_taps"])
             averages = state["guard_averages"]
             self._agreement = averages["agreement"]

@@ -266,6 +266,34 @@ def test_norm_statistics_refold_robust_is_the_slow_fold_of_the_same_batch():
     assert torch.equal(fast.running_mean, before)
 
 
+def test_norm_statistics_class_agnostic_layer_ignores_robust_mode():
+    # A layer whose statistics do not depend on the class (marked by the
+    # healer's calibration) normalises a batch in robust mode exactly as
+    # outside it: its own statistics mixed with the prior, folded in at the
+    # fast rate, and never refolded as a run's.
+    generator = torch.Generator().manual_seed(0)
+    bn = nn.BatchNorm1d(6).eval()
+    plain, agnostic, robust = (NormStatsAdapter(bn) for _ in range(3))
+    agnostic.class_agnostic = True
+    agnostic.robust = robust.robust = True
+    for step in range(3):
+        batch = torch.randn(64, 6, generator=generator) * 2.0 + 1.5
+        want = plain.statistics(batch)
+        got = agnostic.statistics(batch)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(agnostic.running_mean, plain.running_mean, rtol=0, atol=0)
+        agnostic.refold_robust()
+        torch.testing.assert_close(agnostic.running_var, plain.running_var, rtol=0, atol=0)
+        # (a layer that is not class-agnostic keeps the slow running statistics)
+        mean, _ = robust.statistics(batch)
+        assert torch.equal(mean, robust.running_mean)
+    assert (agnostic.running_mean - robust.running_mean).abs().min() > 0.5
+    # batches under min_batch use the running statistics either way
+    small = torch.randn(4, 6, generator=generator) + 1.5
+    mean, _ = agnostic.statistics(small)
+    assert torch.equal(mean, agnostic.running_mean)
+
+
 def test_norm_statistics_gradient_is_the_batch_statistics_gradient_whatever_the_prior():
     # The prior steadies the values of the statistics; the gradient through
     # them is the batch's own (as in TENT), not `w` times it. With the

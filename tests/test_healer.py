@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from selfheal_ext import SelfHealer
+from selfheal_ext.healer import _AGNOSTIC_SHIFT
 from healing_data import C, Task, accuracy, trained_model
 
 MONITOR = dict(window=256, false_alarm_every=200, bootstrap=400)
@@ -450,6 +451,70 @@ def test_nan_inputs_never_reach_the_adapter_weights(task, source_model):
     healer(bad)
     for name, value in healer.adapters.state_dict().items():
         assert torch.isfinite(value).all(), name
+
+
+class _NoiseSide(torch.nn.Module):
+    """The tests' MLP with a side path on 8 more input columns of pure noise:
+    the side BatchNorm's statistics say nothing about the class."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+        self.side = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
+        self.mix = torch.nn.Linear(8, C)
+        with torch.no_grad():
+            self.mix.weight.mul_(0.01)
+
+    def forward(self, x):
+        return self.body(x[:, :16]) + self.mix(self.side(x[:, 16:]))
+
+
+def test_class_agnostic_layers_are_found_at_calibration_follow_drift_in_runs_and_are_kept(task, source_model):
+    torch.manual_seed(0)
+    model = _NoiseSide(copy.deepcopy(source_model)).eval()
+    noise = torch.Generator().manual_seed(3)
+
+    def sample(n, offset=0.0, **kw):
+        x, y = task.sample(n, **kw)
+        return torch.cat([x, torch.randn(n, 8, generator=noise) + offset], dim=1), y
+    healer = SelfHealer(model, monitor_options=MONITOR)
+    healer.calibrate([sample(64)[0] for _ in range(24)])
+    targets = [p.target for p in healer.adapters.placements if p.kind == "norm"]
+    norms = dict(zip(targets, healer.adapters.norm_adapters()))
+    shifts = dict(zip(targets, healer._class_shift))
+    assert shifts["side.1"] < _AGNOSTIC_SHIFT and norms["side.1"].class_agnostic
+    assert all(shifts[t] > 10 * _AGNOSTIC_SHIFT and not norms[t].class_agnostic for t in targets if t != "side.1")
+    # classes in runs, drifted, the noise columns moved too: robust mode
+    # holds the class-dependent layers' statistics, the side layer follows
+    side_inputs = []
+    handle = model.side[1].register_forward_pre_hook(lambda m, args: side_inputs.append(args[0].mean(dim=0)))
+    runs = 0
+    for c in [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 0, 0, 0]:
+        healer(sample(64, offset=3.0, corrupt=True, labels=torch.full((64,), c))[0])
+        runs += healer.active and healer._in_run()
+    handle.remove()
+    assert healer.active and runs >= 12
+    target = side_inputs[-1]  # (the side layer's input mean in the drifted stream)
+    moved = (norms["side.1"].running_mean - norms["side.1"].source_mean).norm()
+    assert moved > 0.8 * (target - norms["side.1"].source_mean).norm()
+    # (unmarked, robust mode left it at 2.0 of 4.1: moved only by the
+    # batches served before the runs were recognised)
+    # the marks come back with the state; older states have none
+    twin = SelfHealer(copy.deepcopy(model), monitor_options=MONITOR)
+    twin.load_state_dict(healer.state_dict())
+    assert twin._class_shift == healer._class_shift
+    assert [a.class_agnostic for a in twin.adapters.norm_adapters()] == [norms[t].class_agnostic for t in targets]
+    old = healer.state_dict()
+    del old["class_shift"]
+    twin.load_state_dict(old)
+    assert twin._class_shift is None and not any(a.class_agnostic for a in twin.adapters.norm_adapters())
+    old["class_shift"] = [0.01]
+    with pytest.raises(ValueError, match="class_shift"):
+        twin.load_state_dict(old)
+    # the label-shift guard off: no robust mode, nothing measured
+    off = SelfHealer(copy.deepcopy(model), monitor_options=MONITOR, label_shift=float("inf"))
+    off.calibrate([sample(64)[0] for _ in range(24)])
+    assert off._class_shift is None and not any(a.class_agnostic for a in off.adapters.norm_adapters())
 
 
 def test_state_round_trip_gives_identical_next_outputs(task, source_model):
