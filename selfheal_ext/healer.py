@@ -79,6 +79,23 @@ _SPREAD_SEPARATION, _SPREAD_SPLIT = 4.0, 0.5
 # the MLP's passed the separation test (5.3) and runs drifted by gain or
 # offset read as many classes (label-ordered 7 points under the source).
 _SPREAD_MIN_GAP = math.log(2.0)
+# The check's third measure, the diversity of the predicted classes (the
+# entropy of the batch's argmax histogram over ln C, batch statistics as
+# for the information). A strong corruption of the noise family leaves the
+# rows' predictions vague, so their information falls to the runs' level,
+# while their argmax still follows the class (BN re-estimation serves them
+# at twice the source's accuracy); a run's argmax collapses on a few
+# classes. A batch counts as many classes when its predicted classes are
+# more diverse than _CLASSES_SPLIT of the way up from the runs' level *and*
+# its information is at least the lowest split the verdicts can move the
+# check to (_CHECK_SPLIT - _CHECK_SWAY / 2), used where calibration
+# separates the two levels by _CLASSES_SEPARATION standard deviations and
+# _CLASSES_MIN_GAP. A probe of the benchmark's streams (digits, 8 seeds,
+# batches of 64, docs/architecture.md): i.i.d. drifted batches called many
+# classes 74 -> 89 %, runs 0 -> 0.2 %, batches of two classes 1.9 -> 3.3 %.
+# On the tabular MLP the argmax of a run stays as diverse as a healthy
+# batch's (d' 0.1-1.1, gap under 0.02): off.
+_CLASSES_SPLIT, _CLASSES_SEPARATION, _CLASSES_MIN_GAP = 0.3, 2.0, 0.05
 # A statistics layer whose statistics one class moves by less than this is
 # class-agnostic: robust mode leaves it on its batch statistics
 # (NormStatsAdapter.class_agnostic). The shift of a class is the mean over
@@ -439,6 +456,7 @@ class SelfHealer:
         self._served_fast = False
         self._served_source = None
         self._batch_information: Optional[float] = None
+        self._batch_classes: Optional[float] = None  # (the predicted classes' diversity the check measured)
         self._batch_threshold: Optional[float] = None  # (the information threshold the check used)
         # the check's recent verdicts in this drift episode (1: many classes)
         self._check_prior = 1.0
@@ -500,8 +518,8 @@ class SelfHealer:
         return max(8, max(a.min_batch for a in norms))
 
     def _batch_statistics_sums(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``[sum of entropies, rows, sum of probability vectors]`` of ``x``'s
-        finite rows predicted with every BatchNorm on this batch's own
+        """``[sum of entropies, rows, sum of probability vectors, count of
+        rows per predicted class]`` of ``x``'s finite rows predicted with every BatchNorm on this batch's own
         statistics (no prior, whatever the batch size) and no other
         adapter applied: the source model re-normalised, as at calibration,
         however far the trained adapters have moved. Entropies normalised by
@@ -542,8 +560,9 @@ class SelfHealer:
         entropy = -(probs * log_probs).sum(dim=1) / math.log(max(log_probs.shape[1], 2))
         kept = torch.isfinite(entropy)
         entropy, probs = entropy[kept].double(), probs[kept].double()
+        counts = probs.new_zeros(probs.shape[1]).index_add_(0, probs.argmax(dim=1), probs.new_ones(probs.shape[0]))
         sums = torch.cat([torch.stack([entropy.sum(), torch.tensor(float(entropy.numel()), dtype=torch.float64,
-                                                                   device=entropy.device)]), probs.sum(dim=0)])
+                                                                   device=entropy.device)]), probs.sum(dim=0), counts])
         return sums, (spread[-1] if spread else torch.tensor(math.nan, dtype=torch.float64, device=sums.device))
 
     def _last_norm_module(self) -> nn.Module:
@@ -558,10 +577,21 @@ class SelfHealer:
         information between row and predicted class), normalised by ln C.
         Near 0 when every row gets the same prediction (a run of one class
         re-normalised with its own statistics: the class signal is gone)."""
-        rows = sums[1]
-        mean = (sums[2:] / rows).clamp_min(1e-12)
+        rows, classes = sums[1], (sums.numel() - 2) // 2
+        mean = (sums[2:2 + classes] / rows).clamp_min(1e-12)
         spread = -(mean * mean.log()).sum() / math.log(max(mean.numel(), 2))
         return spread - sums[0] / rows  # (0-d, on the batch's device: no host read)
+
+    @staticmethod
+    def _class_diversity(sums: torch.Tensor) -> torch.Tensor:
+        """How many classes a batch's rows are predicted as: the entropy of
+        the histogram of their argmax, normalised by ln C (0-d). Near 0 for a
+        run of one class re-normalised with its own statistics (every row
+        goes to the same class); a strong corruption that leaves the
+        predictions vague (low information) leaves their argmax spread."""
+        rows, classes = sums[1], (sums.numel() - 2) // 2
+        share = (sums[2 + classes:] / rows).clamp_min(1e-12)
+        return -(share * share.log()).sum() / math.log(max(classes, 2))
 
     def _calibrate_diversity(self, batches) -> Optional[Dict[str, float]]:
         """The information in batch-statistics predictions (``_information``)
@@ -599,8 +629,9 @@ class SelfHealer:
         size = max((x.shape[0] for x in inputs), default=0)
         # sum and count of the information of healthy batches, of runs; the
         # batch size; sums and sums of squares of the spread of healthy
-        # batches, of runs (merged over ranks)
-        levels = torch.zeros(10, dtype=torch.float64, device=device)
+        # batches, of runs; and of the predicted classes' diversity (merged
+        # over ranks)
+        levels = torch.zeros(14, dtype=torch.float64, device=device)
 
         def measure(x, slot):
             if x.shape[0] >= minimum:
@@ -610,6 +641,9 @@ class SelfHealer:
                     levels[slot + 1] += 1.0
                     levels[6 + slot] += spread
                     levels[7 + slot] += spread * spread
+                    diversity = self._class_diversity(sums)
+                    levels[10 + slot] += diversity
+                    levels[11 + slot] += diversity * diversity
         try:
             for x in inputs:
                 measure(x, 0)
@@ -634,16 +668,25 @@ class SelfHealer:
             return None
         result = {"measure": "information", "diverse": diverse, "run": run,
                   "threshold": run + _CHECK_SPLIT * (diverse - run), "rows": levels[4] / levels[5],
-                  "spread_diverse": None, "spread_run": None, "spread_separation": None, "spread_threshold": None}
-        if levels[1] >= 2 and levels[3] >= 2 and all(math.isfinite(v) for v in levels[6:]):
+                  "spread_diverse": None, "spread_run": None, "spread_separation": None, "spread_threshold": None,
+                  "classes_diverse": None, "classes_run": None, "classes_separation": None, "classes_threshold": None}
+
+        def separated(first):  # (healthy level, run level, d') of the measure summed from levels[first]
             def mean_and_variance(slot):
-                mean = levels[6 + slot] / levels[slot + 1]
-                return mean, max(levels[7 + slot] / levels[slot + 1] - mean * mean, 0.0)
-            (spread_diverse, diverse_var), (spread_run, run_var) = mean_and_variance(0), mean_and_variance(2)
-            separation = (spread_diverse - spread_run) / math.sqrt(max(0.5 * (diverse_var + run_var), 1e-12))
+                mean = levels[first + slot] / levels[slot + 1]
+                return mean, max(levels[first + 1 + slot] / levels[slot + 1] - mean * mean, 0.0)
+            (healthy, healthy_var), (run, run_var) = mean_and_variance(0), mean_and_variance(2)
+            return healthy, run, (healthy - run) / math.sqrt(max(0.5 * (healthy_var + run_var), 1e-12))
+        if levels[1] >= 2 and levels[3] >= 2 and all(math.isfinite(v) for v in levels[6:10]):
+            spread_diverse, spread_run, separation = separated(6)
             result.update(spread_diverse=spread_diverse, spread_run=spread_run, spread_separation=separation)
             if separation >= _SPREAD_SEPARATION and spread_diverse - spread_run >= _SPREAD_MIN_GAP:
                 result["spread_threshold"] = spread_run + _SPREAD_SPLIT * (spread_diverse - spread_run)
+        if levels[1] >= 2 and levels[3] >= 2:
+            classes_diverse, classes_run, separation = separated(10)
+            result.update(classes_diverse=classes_diverse, classes_run=classes_run, classes_separation=separation)
+            if separation >= _CLASSES_SEPARATION and classes_diverse - classes_run >= _CLASSES_MIN_GAP:
+                result["classes_threshold"] = classes_run + _CLASSES_SPLIT * (classes_diverse - classes_run)
         return result
 
     def _calibrate_class_shift(self, batches) -> Optional[List[float]]:
@@ -728,7 +771,10 @@ class SelfHealer:
         own statistics tell its rows apart (information above the threshold
         of ``_information_threshold``: the calibrated one, moved by the
         check's recent verdicts; or, where calibration found it telling, the rows' spread
-        at the last BatchNorm layer above its threshold), False when not (a
+        at the last BatchNorm layer above its threshold; or, where calibration
+        found it telling, the predicted classes' diversity above its threshold
+        with the information at least at the lowest swayed split:
+        ``_CLASSES_SPLIT``), False when not (a
         run of classes), None when it cannot tell (no check, too few rows).
         Under a process group each rank measures its own rows, as at
         calibration, and the ranks decide together on the means of their
@@ -736,22 +782,27 @@ class SelfHealer:
         minimum = self._diversity_rows()
         if self._diversity is None or minimum is None:
             return None
-        local = torch.zeros(4, dtype=torch.float64, device=self._device())
+        local = torch.zeros(5, dtype=torch.float64, device=self._device())
         if x.dim() and x.shape[0] >= minimum:
             sums, spread = self._batch_statistics_sums(x)
             valid = sums[1] >= minimum  # (rows whose predictions are finite)
             spread_valid = valid & torch.isfinite(spread)
             local = torch.stack([torch.where(valid, self._information(sums), 0.0), valid.double(),
-                                 torch.where(spread_valid, spread, 0.0), spread_valid.double()])
+                                 torch.where(spread_valid, spread, 0.0), spread_valid.double(),
+                                 torch.where(valid, self._class_diversity(sums), 0.0)])
         merged = self._merged(local).tolist()  # (the check's one host read)
         if merged[1] == 0:
             return None
+        levels = self._diversity
         self._batch_information = merged[0] / merged[1]
         self._batch_spread = merged[2] / merged[3] if merged[3] else None
-        spread_threshold = self._diversity.get("spread_threshold")
+        self._batch_classes = merged[4] / merged[1]
+        spread_threshold, classes_threshold = levels.get("spread_threshold"), levels.get("classes_threshold")
         self._batch_threshold = self._information_threshold(onset)
+        floor = levels["run"] + (_CHECK_SPLIT - 0.5 * _CHECK_SWAY) * (levels["diverse"] - levels["run"])
         diverse = self._batch_information > self._batch_threshold or \
-            (spread_threshold is not None and self._batch_spread is not None and self._batch_spread > spread_threshold)
+            (spread_threshold is not None and self._batch_spread is not None and self._batch_spread > spread_threshold) or \
+            (classes_threshold is not None and self._batch_classes > classes_threshold and self._batch_information > floor)
         self._check_prior = (1 - _CHECK_MEMORY) * self._check_prior + _CHECK_MEMORY * float(diverse)
         return diverse
 
@@ -891,7 +942,7 @@ class SelfHealer:
         # drifted source spreads its predictions over a run of one class),
         # and a drift can make it predict one class for every input, which
         # looks like a run too: the batch-statistics check decides.
-        self._check, self._batch_information, self._batch_spread = None, None, None
+        self._check, self._batch_information, self._batch_spread, self._batch_classes = None, None, None, None
         self._batch_threshold = None
         self._served_source = None
         checked = time.perf_counter()
@@ -1273,7 +1324,7 @@ class SelfHealer:
             self._event("skip", state_hash=tensor_digest(self.adapters.state_dict()) if self.audit is not None
                         else None, reason="classes arrive in runs", label_shift=self._label_shift,
                         batch_information=self._batch_information, check_threshold=self._batch_threshold,
-                        batch_spread=self._batch_spread)
+                        batch_spread=self._batch_spread, batch_classes=self._batch_classes)
             return
         x = self._gather_small(x)
         if x is None:
@@ -1752,7 +1803,7 @@ class SelfHealer:
         return output
 
     def _stage_batch(self, x: torch.Tensor, logits: torch.Tensor, report: DriftReport) -> None:
-        self._check, self._batch_information, self._batch_spread = None, None, None
+        self._check, self._batch_information, self._batch_spread, self._batch_classes = None, None, None, None
         self._batch_threshold = None
         if self._stage is None:
             if not report.read:
@@ -1790,7 +1841,7 @@ class SelfHealer:
                 model(x)
             self._event("skip", reason="classes arrive in runs", label_shift=self._label_shift, staged=True,
                         batch_information=self._batch_information, check_threshold=self._batch_threshold,
-                        batch_spread=self._batch_spread)
+                        batch_spread=self._batch_spread, batch_classes=self._batch_classes)
             return
         x = self._gather_small(x)
         if x is None:

@@ -387,6 +387,66 @@ def test_the_check_also_reads_the_rows_spread_at_the_last_norm_layer(task, sourc
     assert twin._batch_is_diverse(one_class) is False
 
 
+def test_the_check_also_reads_how_many_classes_the_rows_are_predicted_as(task, source_model, monkeypatch):
+    # A strong corruption of the noise family leaves a batch's predictions
+    # vague (its information falls towards the runs') while their argmax
+    # still follows the class: where calibration separates the two levels,
+    # diverse argmax with information at least at the lowest swayed split
+    # counts as many classes.
+    import selfheal_ext.healer as healer_module
+    healer = make_healer(task, source_model)
+    levels = healer._diversity
+    # on this MLP a re-normalised run's argmax is as spread as a healthy
+    # batch's (as on the benchmark's tabular MLP): measured, and off
+    assert 0 < levels["classes_run"] <= 1 and 0 < levels["classes_diverse"] <= 1
+    assert levels["classes_threshold"] is None
+    mixed = task.sample(64)[0]
+    sums = healer._batch_statistics_sums(mixed)[0]
+    counts = sums[2 + C:]
+    assert float(counts.sum()) == 64 and torch.equal(counts, counts.round())
+    share = counts[counts > 0] / 64
+    assert float(healer._class_diversity(sums)) == pytest.approx(float(-(share * share.log()).sum() / math.log(C)))
+    healer.adapters.active = True
+    healer._batch_is_diverse(mixed)
+    information, classes = healer._batch_information, healer._batch_classes
+    assert classes == pytest.approx(float(healer._class_diversity(sums)))
+    lowest = healer_module._CHECK_SPLIT - 0.5 * healer_module._CHECK_SWAY
+    # the information threshold out of reach: the predicted classes decide,
+    # provided the information is above the lowest swayed split of levels
+    # placed around it
+    for information_above, classes_threshold, expected in ((True, classes - 1e-6, True), (True, None, False),
+                                                           (True, classes + 1e-6, False),
+                                                           (False, classes - 1e-6, False)):
+        run = information - (2.0 if information_above else 0.5) * lowest  # (floor: run + lowest)
+        healer._diversity = dict(levels, threshold=2.0, spread_threshold=None, run=run, diverse=run + 1.0,
+                                 classes_threshold=classes_threshold)
+        assert healer._batch_is_diverse(mixed) is expected, (information_above, classes_threshold)
+    healer.adapters.active = False
+    # used where calibration separates the levels by _CLASSES_SEPARATION
+    # standard deviations and _CLASSES_MIN_GAP, _CLASSES_SPLIT of the way up
+    for separation, min_gap, used in ((-1e9, -1.0, True), (1e9, -1.0, False), (-1e9, 1.0, False)):
+        monkeypatch.setattr(healer_module, "_CLASSES_SEPARATION", separation)
+        monkeypatch.setattr(healer_module, "_CLASSES_MIN_GAP", min_gap)
+        levels = make_healer(task, source_model)._diversity
+        if used:
+            assert levels["classes_threshold"] == pytest.approx(
+                levels["classes_run"] + healer_module._CLASSES_SPLIT * (levels["classes_diverse"] - levels["classes_run"]))
+        else:
+            assert levels["classes_threshold"] is None
+    # states saved before the measure existed load with it off
+    old = healer.state_dict()
+    old["diversity"] = dict(old["diversity"], threshold=2.0, run=information - 2.0 * lowest,
+                            diverse=information - 2.0 * lowest + 1.0, spread_threshold=None,
+                            classes_threshold=classes - 1e-6)
+    twin = make_healer(task, source_model)
+    twin.load_state_dict(old)
+    twin.adapters.active = True
+    assert twin._batch_is_diverse(mixed) is True
+    old["diversity"] = {k: v for k, v in old["diversity"].items() if not k.startswith("classes")}
+    twin.load_state_dict(old)
+    assert twin._batch_is_diverse(mixed) is False
+
+
 def test_a_drift_that_collapses_the_source_onto_one_class_is_not_taken_for_a_run(task, source_model):
     stream = collapsing_stream(task)
     labels = [y for _, y in stream]
