@@ -518,13 +518,13 @@ class SelfHealer:
         return max(8, max(a.min_batch for a in norms))
 
     def _batch_statistics_sums(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``[sum of entropies, rows, sum of probability vectors, count of
-        rows per predicted class]`` of ``x``'s finite rows predicted with every BatchNorm on this batch's own
-        statistics (no prior, whatever the batch size) and no other
-        adapter applied: the source model re-normalised, as at calibration,
-        however far the trained adapters have moved. Entropies normalised by
-        ln C; float64 sums. Unseen by the monitor, running statistics
-        untouched.
+        """``[sum of entropies, rows, sum of probability vectors, rows per
+        predicted class]`` of ``x``'s finite rows predicted with every
+        BatchNorm on this batch's own statistics (no prior, whatever the
+        batch size) and no other adapter applied: the source model
+        re-normalised, as at calibration, however far the trained adapters
+        have moved. Entropies normalised by ln C; float64 sums. Unseen by
+        the monitor, running statistics untouched.
 
         Also the rows' spread at the input of the last BatchNorm layer in
         that forward (0-d): the log of the mean over channels of the variance
@@ -619,7 +619,12 @@ class SelfHealer:
         apart, a batch whose spread is above the half-way point also counts as
         many classes (on an MLP the runs' spread overlaps the healthy one's:
         off), provided healthy batches spread at least twice as much as
-        runs (``_SPREAD_MIN_GAP``: a drift rescales the spread by factors)."""
+        runs (``_SPREAD_MIN_GAP``: a drift rescales the spread by factors).
+
+        And the predicted classes' diversity (``_class_diversity``) on the
+        same batches, used where its levels are ``_CLASSES_SEPARATION``
+        standard deviations and ``_CLASSES_MIN_GAP`` apart
+        (``_CLASSES_SPLIT``)."""
         minimum = self._diversity_rows()
         if minimum is None:
             return None
@@ -800,9 +805,11 @@ class SelfHealer:
         spread_threshold, classes_threshold = levels.get("spread_threshold"), levels.get("classes_threshold")
         self._batch_threshold = self._information_threshold(onset)
         floor = levels["run"] + (_CHECK_SPLIT - 0.5 * _CHECK_SWAY) * (levels["diverse"] - levels["run"])
-        diverse = self._batch_information > self._batch_threshold or \
-            (spread_threshold is not None and self._batch_spread is not None and self._batch_spread > spread_threshold) or \
-            (classes_threshold is not None and self._batch_classes > classes_threshold and self._batch_information > floor)
+        spread_says = spread_threshold is not None and self._batch_spread is not None and \
+            self._batch_spread > spread_threshold
+        classes_say = classes_threshold is not None and self._batch_classes > classes_threshold and \
+            self._batch_information > floor
+        diverse = self._batch_information > self._batch_threshold or spread_says or classes_say
         self._check_prior = (1 - _CHECK_MEMORY) * self._check_prior + _CHECK_MEMORY * float(diverse)
         return diverse
 
@@ -2141,6 +2148,8 @@ class SelfHealer:
         shadow = AdapterSet(model, [copy.copy(p) for p in self.adapters.placements], seed=self.config["seed"],
                             robust_horizon=self.config["robust_horizon"], norm_prior=self.config["norm_prior"])
         shadow.load_state_dict(state)
+        for copied, served in zip(shadow.norm_adapters(), self.adapters.norm_adapters()):
+            copied.class_agnostic = served.class_agnostic  # (calibrated, not part of the state)
         shadow.active = True
         optimizer = torch.optim.Adam(shadow.trainable(), lr=self.learning_rate) if shadow.trainable() else None
         return model, shadow, optimizer

@@ -429,8 +429,8 @@ def test_the_check_also_reads_how_many_classes_the_rows_are_predicted_as(task, s
         monkeypatch.setattr(healer_module, "_CLASSES_MIN_GAP", min_gap)
         levels = make_healer(task, source_model)._diversity
         if used:
-            assert levels["classes_threshold"] == pytest.approx(
-                levels["classes_run"] + healer_module._CLASSES_SPLIT * (levels["classes_diverse"] - levels["classes_run"]))
+            gap = levels["classes_diverse"] - levels["classes_run"]
+            assert levels["classes_threshold"] == pytest.approx(levels["classes_run"] + healer_module._CLASSES_SPLIT * gap)
         else:
             assert levels["classes_threshold"] is None
     # states saved before the measure existed load with it off
@@ -559,6 +559,9 @@ def test_class_agnostic_layers_are_found_at_calibration_follow_drift_in_runs_and
     assert moved > 0.8 * (target - norms["side.1"].source_mean).norm()
     # (unmarked, robust mode left it at 2.0 of 4.1: moved only by the
     # batches served before the runs were recognised)
+    # the approval stage's and the deferred worker's copies carry the marks
+    _, shadow, _ = healer._detached_copy(healer.adapters.state_dict())
+    assert [a.class_agnostic for a in shadow.norm_adapters()] == [norms[t].class_agnostic for t in targets]
     # the marks come back with the state; older states have none
     twin = SelfHealer(copy.deepcopy(model), monitor_options=MONITOR)
     twin.load_state_dict(healer.state_dict())
