@@ -721,10 +721,13 @@ class SelfHealer:
 
         def capture(index):
             def hook(module, args):
-                features = args[0].detach().double()
+                # (float32 over positions, float64 from there: no float64
+                # copy of a large feature map)
+                features = args[0].detach().float()
                 features = features.flatten(2) if features.dim() > 2 else features.unsqueeze(2)
                 moments[index] = torch.cat([torch.ones(features.shape[0], 1, dtype=torch.float64, device=device),
-                                            features.mean(dim=2), (features * features).mean(dim=2)], dim=1)
+                                            features.mean(dim=2).double(), features.square().mean(dim=2).double()],
+                                           dim=1)
             return hook
         was_active = self.adapters.active
         handles = [module.register_forward_pre_hook(capture(i)) for i, module in enumerate(modules)]
