@@ -565,10 +565,20 @@ class SelfHealer:
                                                                    device=entropy.device)]), probs.sum(dim=0), counts])
         return sums, (spread[-1] if spread else torch.tensor(math.nan, dtype=torch.float64, device=sums.device))
 
+    def _norm_modules(self) -> List[nn.Module]:
+        """The BatchNorm layers of the statistics adapters, in their order."""
+        return [self.model.get_submodule(p.target) for p in self.adapters.placements if p.kind == "norm"]
+
     def _last_norm_module(self) -> nn.Module:
         """The BatchNorm layer of the last statistics adapter."""
-        targets = [p.target for p in self.adapters.placements if p.kind == "norm"]
-        return self.model.get_submodule(targets[-1])
+        return self._norm_modules()[-1]
+
+    def _calibration_inputs(self, batches) -> List[torch.Tensor]:
+        """The finite rows of the first 32 calibration batches, on the
+        model's device; empty batches dropped."""
+        device = self._device()
+        inputs = [x[_finite_rows(x)] for x in (self._inputs(b).to(device) for b in batches[:32])]
+        return [x for x in inputs if x.shape[0] > 0]
 
     @staticmethod
     def _information(sums: torch.Tensor) -> torch.Tensor:
@@ -629,8 +639,7 @@ class SelfHealer:
         if minimum is None:
             return None
         device = self._device()
-        inputs = [x[_finite_rows(x)] for x in (self._inputs(b).to(device) for b in batches[:32])]
-        inputs = [x for x in inputs if x.shape[0] > 0]
+        inputs = self._calibration_inputs(batches)
         size = max((x.shape[0] for x in inputs), default=0)
         # sum and count of the information of healthy batches, of runs; the
         # batch size; sums and sums of squares of the spread of healthy
@@ -708,9 +717,8 @@ class SelfHealer:
         if not norms or math.isinf(self.config["label_shift"]):
             return None
         device = self._device()
-        inputs = [x[_finite_rows(x)] for x in (self._inputs(b).to(device) for b in batches[:32])]
-        inputs = [x for x in inputs if x.shape[0] > 0]
-        modules = [self.model.get_submodule(p.target) for p in self.adapters.placements if p.kind == "norm"]
+        inputs = self._calibration_inputs(batches)
+        modules = self._norm_modules()
         classes = self._long_probs.numel()
         # per layer and predicted class: sums of (1, row means, row second
         # moments) per channel, in one tensor (one collective)
@@ -2394,6 +2402,16 @@ class SelfHealer:
                 raise ValueError("selfheal: the state's adapters do not match this model's "
                                  f"(missing {sorted(expected - set(state['adapters']))}, "
                                  f"unexpected {sorted(set(state['adapters']) - expected)})")
+            # (absent from states saved before class-agnostic layers: none is
+            # marked; checked before anything is loaded)
+            class_shift = state.get("class_shift")
+            if class_shift is not None:
+                layers = len(self.adapters.norm_adapters())
+                if not isinstance(class_shift, (list, tuple)) or len(class_shift) != layers or \
+                        not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in class_shift):
+                    raise ValueError(f"selfheal: the state's class_shift must hold one number per statistics "
+                                     f"adapter ({layers}), got {class_shift!r}")
+                class_shift = [float(v) for v in class_shift]
             self.monitor.load_state_dict(state["monitor"])
             # the reading unread batches repeat (read_every): a drift that was
             # already on when saved is not a new onset
@@ -2433,13 +2451,6 @@ class SelfHealer:
                 diversity = None
             self._diversity = None if diversity is None else \
                 {k: (v if k == "measure" or v is None else float(v)) for k, v in diversity.items()}
-            # (absent from states saved before class-agnostic layers: none is)
-            class_shift = state.get("class_shift")
-            if class_shift is not None:
-                if not isinstance(class_shift, (list, tuple)) or len(class_shift) != len(self.adapters.norm_adapters()):
-                    raise ValueError("selfheal: the state's class_shift must hold one number per statistics "
-                                     f"adapter ({len(self.adapters.norm_adapters())}), got {class_shift!r}")
-                class_shift = [float(v) for v in class_shift]
             self._class_shift = class_shift
             self._mark_class_agnostic()
             self._input_taps = list(state["input_taps"])

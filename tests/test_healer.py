@@ -571,9 +571,18 @@ def test_class_agnostic_layers_are_found_at_calibration_follow_drift_in_runs_and
     del old["class_shift"]
     twin.load_state_dict(old)
     assert twin._class_shift is None and not any(a.class_agnostic for a in twin.adapters.norm_adapters())
-    old["class_shift"] = [0.01]
-    with pytest.raises(ValueError, match="class_shift"):
-        twin.load_state_dict(old)
+    # a corrupt entry is refused before anything is loaded
+    twin.load_state_dict(healer.state_dict())
+    before = {k: v.clone() for k, v in twin.adapters.state_dict().items()}
+    batches = twin.batches
+    old["adapters"] = {k: torch.zeros_like(v) for k, v in old["adapters"].items()}
+    old["counters"] = dict(old["counters"], batches=10 ** 6)
+    for corrupt in ([0.01], [0.01] * (len(targets) - 1) + ["x"], "0.01"):
+        old["class_shift"] = corrupt
+        with pytest.raises(ValueError, match="class_shift"):
+            twin.load_state_dict(old)
+        assert all(torch.equal(v, before[k]) for k, v in twin.adapters.state_dict().items())
+        assert twin.batches == batches and twin._class_shift == healer._class_shift
     # the label-shift guard off: no robust mode, nothing measured
     off = SelfHealer(copy.deepcopy(model), monitor_options=MONITOR, label_shift=float("inf"))
     off.calibrate([sample(64)[0] for _ in range(24)])
