@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import selfheal_ext as sh
+from gloo_ranks import run_ranks
 
 WORLD = 2
 BATCHES = 14
@@ -32,34 +32,25 @@ def _monitor(group=None):
     return sh.DriftMonitor(_model(), window=64, false_alarm_every=100_000, bootstrap=1000, process_group=group)
 
 
-def _worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        monitor = _monitor(dist.group.WORLD)
-        generator = torch.Generator().manual_seed(1 + rank)  # each rank calibrates on its own data...
-        monitor.calibrate([torch.randn(32, 8, generator=generator) for _ in range(20)])
-        if rank == 0:
-            torch.save(monitor.state_dict(), os.path.join(out_dir, "calibrated.pt"))
-        records = []
-        for x in _rank_batches(rank):
-            report = monitor(x)
-            report = monitor.last_report
-            records.append((report.drift, report.reasons, report.score, report.cusum, report.samples))
-        counts = monitor._window.totals()[0].clone()
-        torch.save({"records": records, "counts": counts, "lo": monitor.lo},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-        # Nobody tears the group down while the other rank still uses it
-        # (gloo aborts a process whose peer closed the connection first).
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, out_dir):
+    monitor = _monitor(dist.group.WORLD)
+    generator = torch.Generator().manual_seed(1 + rank)  # each rank calibrates on its own data...
+    monitor.calibrate([torch.randn(32, 8, generator=generator) for _ in range(20)])
+    if rank == 0:
+        torch.save(monitor.state_dict(), os.path.join(out_dir, "calibrated.pt"))
+    records = []
+    for x in _rank_batches(rank):
+        report = monitor(x)
+        report = monitor.last_report
+        records.append((report.drift, report.reasons, report.score, report.cusum, report.samples))
+    counts = monitor._window.totals()[0].clone()
+    torch.save({"records": records, "counts": counts, "lo": monitor.lo},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
 def test_two_gloo_ranks_take_the_decisions_of_one_process(tmp_path):
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True,
-                       start_method="spawn")
+    run_ranks(_worker, tmp_path, WORLD)
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     # ...but rank 0's reference is shared, so every rank holds the same one.
