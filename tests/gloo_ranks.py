@@ -4,13 +4,13 @@ distributed tests.
 Every rank is joined on its own (no rank is killed because another one died),
 a dead peer fails the others within the process-group timeout, and a rank that
 dies on a signal leaves its Python stacks (faulthandler) for the failure
-message. The ranks leave with ``os._exit`` after ``destroy_process_group``:
-objects that outlive the worker function (reference cycles) may still hold the
-process group and tensors, and gloo's destructors running while the
-interpreter is torn down have aborted a rank ("terminate called without an
-active exception") after all of its work was done. Should a rank still die in
-that teardown after it finished and passed the final barrier, the test gets a
-warning with the stacks rather than a failure; anything earlier fails it."""
+message. Twice in CI a gloo rank died with SIGABRT ("terminate called without
+an active exception") at the end of its run, by all signs in torch's teardown
+(not reproduced here; the old test kept no stacks).
+The ranks therefore leave with ``os._exit`` after ``destroy_process_group``,
+and a rank that still dies after it finished and passed the final barrier
+gives the test a warning with its stacks rather than a failure; a death any
+earlier fails it."""
 
 import datetime
 import faulthandler
