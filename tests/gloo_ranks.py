@@ -15,6 +15,7 @@ earlier fails it."""
 import datetime
 import faulthandler
 import os
+import sys
 import warnings
 
 import torch
@@ -37,7 +38,8 @@ def _entry(worker, rank, world, out_dir):
         open(os.path.join(out_dir, f"rank{rank}.done"), "w").close()
     finally:
         dist.destroy_process_group()
-    faults.flush()
+    for stream in (sys.stdout, sys.stderr, faults):  # os._exit flushes nothing
+        stream.flush()
     os._exit(0)
 
 
