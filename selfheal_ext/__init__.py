@@ -13,10 +13,11 @@ from . import governance, ops, reference, rules
 from ._extension import build_info
 from .adapters import AdapterSet, attach_adapters
 from .governance import AuditLog, BiasGuard, Policy, SnapshotStore
+from .heal.config import HealerConfig
 from .healer import HealEvent, SelfHealer
 from .monitor import Attribution, CalibrationReport, DriftMonitor, DriftReport
 
 __all__ = ["ops", "reference", "build_info", "DriftMonitor", "DriftReport", "CalibrationReport", "Attribution",
-           "SelfHealer", "HealEvent", "AdapterSet", "attach_adapters", "governance", "rules", "AuditLog",
+           "SelfHealer", "HealerConfig", "HealEvent", "AdapterSet", "attach_adapters", "governance", "rules", "AuditLog",
            "SnapshotStore", "Policy", "BiasGuard"]
 __version__ = "0.1.0"

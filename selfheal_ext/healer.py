@@ -25,7 +25,6 @@ import contextlib
 import copy
 import functools
 import math
-import os
 import queue
 import threading
 import time
@@ -37,76 +36,19 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from . import ops
 from .adapters import ADAPTER_KINDS, AdapterSet, attach_adapters
 from .governance import DEFAULT_AUDIT_FILE, AuditLog, BiasGuard, Policy, SnapshotError, SnapshotStore, tensor_digest
 from .monitor import DriftMonitor, DriftReport, as_logits
 from .governance import AuditError
+from .heal.batch_check import BatchCheck
+from .heal.config import FROM_CONFIG, HealerConfig
+from .heal.guards import CollapseGuard
+from .heal.label_shift import LabelShiftTracker
+from .heal.objective import distance_from, fisher_anchor, fit_fisher, project_within, reliable_entropy
+from .heal.tensors import batch_inputs, effective_classes, finite_rows, model_device
 from .rules import RuleContext, RuleError, check_rules, total_penalty, validate_rules
 from .taps import default_taps
 
-_EVENT_LIMIT = 10_000
-_MAX_EPISODE_TRIPS = 3
-_KEEP_VERSIONS = 20
-# Where the batch-statistics check's threshold sits between the information
-# level of runs of one class (0) and of healthy batches of many classes (1).
-# Runs stay at their level under any drift, while drifted batches of many
-# classes fall towards it: a low split keeps strongly drifted i.i.d. batches
-# on the "many classes" side. Chosen on the benchmark's seed 0, confirmed on
-# seed 1 (docs/architecture.md).
-_CHECK_SPLIT = 0.3
-# How far the split moves with the check's own recent verdicts in a drift
-# episode (an exponential mixture, each verdict worth _CHECK_MEMORY, starting
-# at "many classes"): from _CHECK_SPLIT - _CHECK_SWAY / 2 after a row of
-# "many classes" to _CHECK_SPLIT + _CHECK_SWAY / 2 after a row of runs
-# (docs/architecture.md, "the check's recent verdicts").
-_CHECK_SWAY, _CHECK_MEMORY = 0.3, 0.5
-# The check's second measure, the spread of the rows at the last BatchNorm
-# layer (see _batch_statistics_sums): used where calibration separates runs
-# from healthy batches by at least this many standard deviations (d'), with
-# its threshold half-way between their levels: at d' = 4 about 2 % of
-# healthy-data runs land above it (5 until the gap below existed, when d'
-# alone had to keep it off the MLP; the digits CNN's d' is 4.6-10.4 over 15
-# calibrations, and on the two under 5, seeds 13 and 14, reset lost 4-5.5
-# points on each noise corruption with the spread off).
-_SPREAD_SEPARATION, _SPREAD_SPLIT = 4.0, 0.5
-# ... and where healthy batches spread at least this much more than runs (a
-# log ratio of variances: twice as much). The spread is relative to the
-# source's variance, which a covariate drift rescales by factors: a gap of a
-# few tenths, however many standard deviations it spans on healthy data,
-# does not survive one. On the healing benchmark's 10 calibrations per task
-# the digits CNN's gap is 1.21-1.36 and the tabular MLP's 0.14-0.20; on seed 8
-# the MLP's passed the separation test (5.3) and runs drifted by gain or
-# offset read as many classes (label-ordered 7 points under the source).
-_SPREAD_MIN_GAP = math.log(2.0)
-# The check's third measure, the diversity of the predicted classes (the
-# entropy of the batch's argmax histogram over ln C, batch statistics as
-# for the information). A strong corruption of the noise family leaves the
-# rows' predictions vague, so their information falls to the runs' level,
-# while their argmax still follows the class (BN re-estimation serves them
-# at twice the source's accuracy); a run's argmax collapses on a few
-# classes. A batch counts as many classes when its predicted classes are
-# more diverse than _CLASSES_SPLIT of the way up from the runs' level *and*
-# its information is at least the lowest split the verdicts can move the
-# check to (_CHECK_SPLIT - _CHECK_SWAY / 2), used where calibration
-# separates the two levels by _CLASSES_SEPARATION standard deviations and
-# _CLASSES_MIN_GAP. A probe of the benchmark's streams (digits, 8 seeds,
-# batches of 64, docs/architecture.md): i.i.d. drifted batches called many
-# classes 74 -> 89 %, runs 0 -> 0.2 %, batches of two classes 1.9 -> 3.3 %.
-# On the tabular MLP the argmax of a run stays as diverse as a healthy
-# batch's (d' 0.1-1.1, gap under 0.02): off.
-_CLASSES_SPLIT, _CLASSES_SEPARATION, _CLASSES_MIN_GAP = 0.3, 2.0, 0.05
-# A statistics layer whose statistics one class moves by less than this is
-# class-agnostic: robust mode leaves it on its batch statistics
-# (NormStatsAdapter.class_agnostic). The shift of a class is the mean over
-# channels of (class mean - mean)^2 / variance + log(class variance /
-# variance)^2 at the layer's input, against all calibration rows; a layer's
-# is the mean over the source's predicted classes. 0.03 is a class moving
-# the layer's normalisation by 0.17 standard deviations (root mean square).
-# On the healing benchmark's digits CNN, 14 calibrations: first layer
-# 0.013-0.023, second 0.034-0.043, third 0.39-0.49; tabular MLP 0.37-0.74
-# (docs/architecture.md, "class-agnostic layers").
-_AGNOSTIC_SHIFT = 0.03
 
 
 def _outside_inference_mode(method):
@@ -156,6 +98,11 @@ class SelfHealer:
 
     Args:
         model: the trained model (its own parameters are never changed).
+        config: a ``HealerConfig`` holding every tunable number (default:
+            ``HealerConfig()``). The keyword arguments below that name a
+            setting override it for this healer; ``healer.config`` is the
+            result, saved in ``state_dict()`` and in the audit log's
+            activation record.
         budget: adapter parameters as a fraction of the model's (default 5%).
         adapter_kinds: subset of ``("bottleneck", "affine", "norm")``.
         adapter_targets: module names or types to place adapters on (default: automatic).
@@ -237,125 +184,76 @@ class SelfHealer:
         self,
         model: nn.Module,
         *,
-        budget: float = 0.05,
+        config: Optional[HealerConfig] = None,
+        budget: float = FROM_CONFIG,
         adapter_kinds: Sequence[str] = ADAPTER_KINDS,
         adapter_targets=None,
-        max_rank: int = 16,
-        lr: float = 1e-3,
-        anchor: float = 1.0,
-        entropy_margin: float = 0.4,
-        redundancy: float = 0.05,
-        max_shift: float = 5.0,
-        max_steps_per_minute: Optional[float] = None,
-        reset_every: Optional[int] = None,
-        release_after: Optional[int] = None,
-        collapse_ratio: float = 0.5,
-        agreement_floor: float = 0.0,
-        label_shift: float = 0.5,
-        batch_diversity: bool = True,
-        robust_horizon: float = 4096.0,
-        norm_prior: float = 128.0,
-        min_step_samples: int = 16,
-        divergence_rise: float = 3.0,
-        mode: str = "inline",
-        replay_size: int = 8,
+        max_rank: int = FROM_CONFIG,
+        lr: float = FROM_CONFIG,
+        anchor: float = FROM_CONFIG,
+        entropy_margin: float = FROM_CONFIG,
+        redundancy: float = FROM_CONFIG,
+        max_shift: float = FROM_CONFIG,
+        max_steps_per_minute: Optional[float] = FROM_CONFIG,
+        reset_every: Optional[int] = FROM_CONFIG,
+        release_after: Optional[int] = FROM_CONFIG,
+        collapse_ratio: float = FROM_CONFIG,
+        agreement_floor: float = FROM_CONFIG,
+        label_shift: float = FROM_CONFIG,
+        batch_diversity: bool = FROM_CONFIG,
+        robust_horizon: float = FROM_CONFIG,
+        norm_prior: float = FROM_CONFIG,
+        min_step_samples: int = FROM_CONFIG,
+        divergence_rise: float = FROM_CONFIG,
+        mode: str = FROM_CONFIG,
+        replay_size: int = FROM_CONFIG,
         monitor_options: Optional[Dict[str, Any]] = None,
         logits_fn: Optional[Callable] = None,
         process_group=None,
-        seed: int = 0,
+        seed: int = FROM_CONFIG,
         audit=None,
         snapshots=None,
-        approval: bool = False,
+        approval: bool = FROM_CONFIG,
         policy: Optional[Policy] = None,
         rules: Sequence = (),
         bias_guard: Optional[BiasGuard] = None,
-        keep_versions: int = _KEEP_VERSIONS,
-        buffer_size: int = 256,
-        proposal_steps: int = 20,
-        poll_interval: float = 1.0,
-        audit_every: Optional[int] = 10,
+        keep_versions: int = FROM_CONFIG,
+        buffer_size: int = FROM_CONFIG,
+        proposal_steps: int = FROM_CONFIG,
+        poll_interval: float = FROM_CONFIG,
+        audit_every: Optional[int] = FROM_CONFIG,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"selfheal: SelfHealer wraps an nn.Module, got {type(model).__name__}")
-        if mode not in ("inline", "deferred"):
-            raise ValueError(f"selfheal: mode must be 'inline' or 'deferred', got {mode!r}")
-        if mode == "deferred" and process_group is not None:
-            raise ValueError("selfheal: mode='deferred' cannot be combined with a process_group (the worker's "
-                             "collectives would interleave with the serving thread's); use mode='inline'")
-        if approval and (mode != "inline" or process_group is not None):
-            raise ValueError("selfheal: approval mode runs inline on one process (mode='inline', no process_group)")
-        if policy is not None and max_steps_per_minute is not None:
-            raise ValueError("selfheal: give max_steps_per_minute either directly or in the policy, not both")
-        if policy is not None and not isinstance(policy, Policy):
-            raise TypeError(f"selfheal: policy must be a selfheal_ext.governance.Policy, got {type(policy).__name__}")
-        if bias_guard is not None and not isinstance(bias_guard, BiasGuard):
-            raise TypeError(f"selfheal: bias_guard must be a BiasGuard, got {type(bias_guard).__name__}")
-        if audit_every is not None and int(audit_every) < 1:
-            raise ValueError(f"selfheal: audit_every must be >= 1 or None, got {audit_every}")
-        if int(keep_versions) < 1 or int(buffer_size) < 1 or int(proposal_steps) < 1:
-            raise ValueError("selfheal: keep_versions, buffer_size and proposal_steps must be >= 1")
-        if not lr > 0:
-            raise ValueError(f"selfheal: lr must be > 0, got {lr}")
-        if not robust_horizon > 0:
-            raise ValueError(f"selfheal: robust_horizon must be > 0, got {robust_horizon}")
-        if not 0 <= norm_prior < math.inf:
-            raise ValueError(f"selfheal: norm_prior must be a finite number >= 0, got {norm_prior}")
-        if not 0 < entropy_margin <= 1:
-            raise ValueError(f"selfheal: entropy_margin must be in (0, 1], got {entropy_margin}")
+        if config is not None and not isinstance(config, HealerConfig):
+            raise TypeError(f"selfheal: config must be a HealerConfig, got {type(config).__name__}")
+        overrides = dict(
+            budget=budget, max_rank=max_rank, lr=lr, anchor=anchor, entropy_margin=entropy_margin,
+            redundancy=redundancy, max_shift=max_shift, max_steps_per_minute=max_steps_per_minute,
+            reset_every=reset_every, release_after=release_after, collapse_ratio=collapse_ratio,
+            agreement_floor=agreement_floor, label_shift=label_shift, batch_diversity=batch_diversity,
+            robust_horizon=robust_horizon, norm_prior=norm_prior, min_step_samples=min_step_samples,
+            divergence_rise=divergence_rise, mode=mode, replay_size=replay_size, seed=seed, approval=approval,
+            keep_versions=keep_versions, buffer_size=buffer_size, proposal_steps=proposal_steps,
+            poll_interval=poll_interval, audit_every=audit_every)
+        self.config = (config or HealerConfig()).replace(
+            **{name: value for name, value in overrides.items() if value is not FROM_CONFIG})
+        self._check_combination(process_group, policy, bias_guard, given_rate=max_steps_per_minute)
         self.model = model.eval()
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        self.config = {
-            "budget": budget, "lr": float(lr), "anchor": float(anchor), "entropy_margin": float(entropy_margin),
-            "redundancy": float(redundancy), "max_shift": float(max_shift),
-            "max_steps_per_minute": max_steps_per_minute, "reset_every": reset_every,
-            "release_after": release_after, "collapse_ratio": float(collapse_ratio),
-            "agreement_floor": float(agreement_floor), "label_shift": float(label_shift),
-            "batch_diversity": bool(batch_diversity), "robust_horizon": float(robust_horizon),
-            "norm_prior": float(norm_prior),
-            "min_step_samples": int(min_step_samples),
-            "divergence_rise": float(divergence_rise), "mode": mode, "replay_size": int(replay_size),
-            "seed": int(seed), "approval": bool(approval), "keep_versions": int(keep_versions),
-            "buffer_size": int(buffer_size), "proposal_steps": int(proposal_steps),
-            "poll_interval": float(poll_interval),
-            "audit_every": None if audit_every is None else int(audit_every),
-        }
-        self.policy = policy if policy is not None else Policy(max_steps_per_minute=max_steps_per_minute)
+        self.policy = policy if policy is not None else Policy(max_steps_per_minute=self.config.max_steps_per_minute)
         self.rules = validate_rules(rules)
         self.bias_guard = bias_guard
-        if audit is True:
-            audit = DEFAULT_AUDIT_FILE  # in the working directory
-        if audit is False:
-            audit = None
-        self.audit: Optional[AuditLog] = audit if audit is None or isinstance(audit, AuditLog) else AuditLog(audit)
-        if snapshots is None and self.audit is not None:
-            snapshots = str(self.audit.path) + ".snapshots"
-        self.snapshots: Optional[SnapshotStore] = \
-            snapshots if snapshots is None or isinstance(snapshots, SnapshotStore) else SnapshotStore(snapshots)
-        self.audit_error: Optional[str] = None
+        self._open_governance(audit, snapshots)
         self.logits_fn = logits_fn
         self.process_group = process_group
         self.batch_samples = 0  # samples in the last served batch (metrics)
-        self.adapters: AdapterSet = attach_adapters(model, budget=budget, targets=adapter_targets,
-                                                    kinds=adapter_kinds, max_rank=max_rank, seed=seed,
-                                                    robust_horizon=robust_horizon, norm_prior=norm_prior)
-        options = dict(monitor_options or {})
-        if "taps" not in options:
-            options["taps"] = self._default_taps(options.get("tap_count", 3))
-            # the input-side tap decides when a drift has passed: it must see
-            # a raw image's noise, blur and contrast, not only its mean level
-            options.setdefault("pooling", {options["taps"][0]: "moments"})
-        options.setdefault("logits_fn", logits_fn)
-        options.setdefault("process_group", process_group)
-        options.setdefault("seed", seed)
-        self.monitor = DriftMonitor(model, **options)
-        if self.monitor.config["read_every"] > 1 and self.monitor.process_group is not None:
-            # the healer reads every batch while adapting or suspended, and a
-            # suspension (an audit write failure) can be one rank's alone: the
-            # ranks' all_reduce calls would no longer pair up
-            raise ValueError("selfheal: SelfHealer cannot combine monitor_options read_every > 1 with a "
-                             "process_group; use read_every=1 on several processes")
-        self.monitor.explicit = True  # only the healer's served forward is counted
+        config = self.config
+        self.adapters: AdapterSet = attach_adapters(model, budget=config.budget, targets=adapter_targets,
+                                                    kinds=adapter_kinds, max_rank=config.max_rank, seed=config.seed,
+                                                    robust_horizon=config.robust_horizon, norm_prior=config.norm_prior)
+        self.monitor = self._make_monitor(monitor_options)
         self._source_state = self._adapter_state()
         self._input_taps: List[str] = []
         self.fisher: Dict[str, torch.Tensor] = {}
@@ -368,15 +266,11 @@ class SelfHealer:
         self._worker_error: Optional[str] = None
         self._lock = threading.RLock()
         self._worker: Optional[threading.Thread] = None
-        self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, int(replay_size)))
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, int(config.replay_size)))
         self._shadow = None
-        self._reference_probs: Optional[torch.Tensor] = None
-        # calibrated entropy levels of batch-statistics predictions (batch_diversity)
-        self._diversity: Optional[Dict[str, float]] = None
-        # per statistics adapter, how far one class moves its statistics
-        # (_calibrate_class_shift; under _AGNOSTIC_SHIFT: class-agnostic)
-        self._class_shift: Optional[List[float]] = None
-        self._long_probs: Optional[torch.Tensor] = None
+        self.label_shift = LabelShiftTracker(config.label_shift)
+        self.guard = CollapseGuard(config)
+        self.batch_check = BatchCheck(self.model, self.adapters, self.monitor, self._logits, self._merged, config)
         self._listeners: List[Callable] = []
         # seconds of the last served batch: model forward (with taps and
         # adapters), monitor decision, adaptation and guards
@@ -391,6 +285,55 @@ class SelfHealer:
             if self.audit is not None else 0
         self._last_poll = 0.0
         self._reset_runtime()
+
+    def _check_combination(self, process_group, policy, bias_guard, given_rate) -> None:
+        """Settings that cannot go together, and arguments of the wrong type."""
+        mode = self.config.mode
+        if mode == "deferred" and process_group is not None:
+            raise ValueError("selfheal: mode='deferred' cannot be combined with a process_group (the worker's "
+                             "collectives would interleave with the serving thread's); use mode='inline'")
+        if self.config.approval and process_group is not None:
+            raise ValueError("selfheal: approval mode runs inline on one process (mode='inline', no process_group)")
+        if policy is not None and given_rate is not FROM_CONFIG and given_rate is not None:
+            raise ValueError("selfheal: give max_steps_per_minute either directly or in the policy, not both")
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"selfheal: policy must be a selfheal_ext.governance.Policy, got {type(policy).__name__}")
+        if bias_guard is not None and not isinstance(bias_guard, BiasGuard):
+            raise TypeError(f"selfheal: bias_guard must be a BiasGuard, got {type(bias_guard).__name__}")
+
+    def _open_governance(self, audit, snapshots) -> None:
+        """The audit log (``True``: ``selfheal_audit.db`` in the working
+        directory) and the snapshot store (default: beside the audit log)."""
+        if audit is True:
+            audit = DEFAULT_AUDIT_FILE
+        if audit is False:
+            audit = None
+        self.audit: Optional[AuditLog] = audit if audit is None or isinstance(audit, AuditLog) else AuditLog(audit)
+        if snapshots is None and self.audit is not None:
+            snapshots = str(self.audit.path) + ".snapshots"
+        self.snapshots: Optional[SnapshotStore] = \
+            snapshots if snapshots is None or isinstance(snapshots, SnapshotStore) else SnapshotStore(snapshots)
+        self.audit_error: Optional[str] = None
+
+    def _make_monitor(self, monitor_options: Optional[Dict[str, Any]]) -> DriftMonitor:
+        options = dict(monitor_options or {})
+        if "taps" not in options:
+            options["taps"] = self._default_taps(options.get("tap_count", 3))
+            # the input-side tap decides when a drift has passed: it must see
+            # a raw image's noise, blur and contrast, not only its mean level
+            options.setdefault("pooling", {options["taps"][0]: "moments"})
+        options.setdefault("logits_fn", self.logits_fn)
+        options.setdefault("process_group", self.process_group)
+        options.setdefault("seed", self.config.seed)
+        monitor = DriftMonitor(self.model, **options)
+        if monitor.config["read_every"] > 1 and monitor.process_group is not None:
+            # the healer reads every batch while adapting or suspended, and a
+            # suspension (an audit write failure) can be one rank's alone: the
+            # ranks' all_reduce calls would no longer pair up
+            raise ValueError("selfheal: SelfHealer cannot combine monitor_options read_every > 1 with a "
+                             "process_group; use read_every=1 on several processes")
+        monitor.explicit = True  # only the healer's served forward is counted
+        return monitor
 
     # ---------------------------------------------------------------- set-up
 
@@ -430,9 +373,9 @@ class SelfHealer:
         self.good_version = 0
         self._last_snapshot_step = 0
         self.adapters.set_robust(False)
-        self.optimizer = torch.optim.Adam(self.adapters.trainable(), lr=self.config["lr"]) \
+        self.optimizer = torch.optim.Adam(self.adapters.trainable(), lr=self.config.lr) \
             if self.adapters.trainable() else None
-        self.learning_rate = self.config["lr"]
+        self.learning_rate = self.config.lr
         self.steps = 0
         self.batches = 0
         self.guard_trips = 0
@@ -444,29 +387,20 @@ class SelfHealer:
         self.selected_last_step = 0
         self._step_times: List[float] = []
         self._mean_probs: Optional[torch.Tensor] = None
-        self._adapted_probs: Optional[torch.Tensor] = None
-        self._source_probs: Optional[torch.Tensor] = None
-        self._agreement: Optional[float] = None
-        self._downstream_baseline: Optional[float] = None
-        self._label_shift: Optional[float] = None
-        self._robust = False
+        self.guard.reset()
+        self.label_shift.reset()
         # the batch-statistics check of the batch being served: True (many
         # classes), False (a run), None (not checked); and its information
         self._check: Optional[bool] = None
         self._served_fast = False
         self._served_source = None
-        self._batch_information: Optional[float] = None
-        self._batch_classes: Optional[float] = None  # (the predicted classes' diversity the check measured)
-        self._batch_threshold: Optional[float] = None  # (the information threshold the check used)
-        # the check's recent verdicts in this drift episode (1: many classes)
-        self._check_prior = 1.0
+        self.batch_check.clear_reading()
+        self.batch_check.new_episode()
         self._check_seconds = 0.0
         # the served forward's autograd graph, kept for this batch's step
         self._served_graph = None
         self._plain_output = False
         self._pending: List[torch.Tensor] = []
-        if getattr(self, "_reference_probs", None) is not None:
-            self._long_probs = self._reference_probs.clone()
         self.drift: Optional[DriftReport] = None
         self.version = 0
 
@@ -502,398 +436,23 @@ class SelfHealer:
             report = self.monitor.calibrate(batches, **monitor_kwargs)
             self._input_taps = [self.monitor.tap_names[0]]
             self._fit_fisher(batches)
-            self._reference_probs = self._reference_class_mix(batches)
-            self._long_probs = self._reference_probs.clone()
-            self._diversity = self._calibrate_diversity(batches)
-            self._class_shift = self._calibrate_class_shift(batches)
-            self._mark_class_agnostic()
+            self.label_shift.calibrate(self._reference_class_mix(batches))
+            self.batch_check.calibrate(batches, classes=self.label_shift.recent.numel())
         return report
 
-    def _diversity_rows(self) -> Optional[int]:
-        """Fewest rows a batch needs for the batch-statistics check (the norm
-        adapters' own minimum); None when there is nothing to check with."""
-        norms = self.adapters.norm_adapters()
-        if not norms or not self.config["batch_diversity"] or math.isinf(self.config["label_shift"]):
-            return None
-        return max(8, max(a.min_batch for a in norms))
-
-    def _batch_statistics_sums(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``[sum of entropies, rows, sum of probability vectors, rows per
-        predicted class]`` of ``x``'s finite rows predicted with every
-        BatchNorm on this batch's own statistics (no prior, whatever the
-        batch size) and no other adapter applied: the source model
-        re-normalised, as at calibration, however far the trained adapters
-        have moved. Entropies normalised by ln C; float64 sums. Unseen by
-        the monitor, running statistics untouched.
-
-        Also the rows' spread at the input of the last BatchNorm layer in
-        that forward (0-d): the log of the mean over channels of the variance
-        across rows of each row's channel mean (its average over positions
-        for a feature map), relative to the source variance. Rows of one
-        class share their class's features, so they spread less there; the
-        layers before are re-normalised, so a covariate drift moves it less
-        than it moves the predictions."""
-        adapters = self.adapters
-        norms = adapters.norm_adapters()
-        was = (adapters.active, adapters.statistics_only, [(a.robust, a.update_running, a.prior) for a in norms])
-        rows = x[_finite_rows(x)]
-        spread = []
-
-        def measure_spread(module, args):
-            features = args[0].detach().float()
-            means = features.flatten(2).mean(dim=2) if features.dim() > 2 else features
-            variance = means.var(dim=0, unbiased=False) / norms[-1].source_var.clamp_min(1e-12)
-            spread.append(variance.mean().clamp_min(1e-12).log().double())
-        handle = self._last_norm_module().register_forward_pre_hook(measure_spread)
-        adapters.active, adapters.statistics_only = True, True
-        for a in norms:
-            a.robust, a.update_running, a.prior = False, False, 0.0
-        try:
-            with torch.no_grad(), self.monitor.paused():
-                log_probs = torch.log_softmax(self._logits(self.model(rows)).float(), dim=1)
-        finally:
-            handle.remove()
-            adapters.active, adapters.statistics_only = was[0], was[1]
-            for a, (robust, update, prior) in zip(norms, was[2]):
-                a.robust, a.update_running, a.prior = robust, update, prior
-        probs = log_probs.exp()
-        entropy = -(probs * log_probs).sum(dim=1) / math.log(max(log_probs.shape[1], 2))
-        kept = torch.isfinite(entropy)
-        entropy, probs = entropy[kept].double(), probs[kept].double()
-        counts = probs.new_zeros(probs.shape[1]).index_add_(0, probs.argmax(dim=1), probs.new_ones(probs.shape[0]))
-        sums = torch.cat([torch.stack([entropy.sum(), torch.tensor(float(entropy.numel()), dtype=torch.float64,
-                                                                   device=entropy.device)]), probs.sum(dim=0), counts])
-        return sums, (spread[-1] if spread else torch.tensor(math.nan, dtype=torch.float64, device=sums.device))
-
-    def _norm_modules(self) -> List[nn.Module]:
-        """The BatchNorm layers of the statistics adapters, in their order."""
-        return [self.model.get_submodule(p.target) for p in self.adapters.placements if p.kind == "norm"]
-
-    def _last_norm_module(self) -> nn.Module:
-        """The BatchNorm layer of the last statistics adapter."""
-        return self._norm_modules()[-1]
-
-    def _calibration_inputs(self, batches) -> List[torch.Tensor]:
-        """The finite rows of the first 32 calibration batches, on the
-        model's device; empty batches dropped."""
-        device = self._device()
-        inputs = [x[_finite_rows(x)] for x in (self._inputs(b).to(device) for b in batches[:32])]
-        return [x for x in inputs if x.shape[0] > 0]
-
-    @staticmethod
-    def _information(sums: torch.Tensor) -> torch.Tensor:
-        """What a batch's predictions say about which of its rows is which
-        class: the entropy of their mean minus their mean entropy (the mutual
-        information between row and predicted class), normalised by ln C.
-        Near 0 when every row gets the same prediction (a run of one class
-        re-normalised with its own statistics: the class signal is gone)."""
-        rows, classes = sums[1], (sums.numel() - 2) // 2
-        mean = (sums[2:2 + classes] / rows).clamp_min(1e-12)
-        spread = -(mean * mean.log()).sum() / math.log(max(mean.numel(), 2))
-        return spread - sums[0] / rows  # (0-d, on the batch's device: no host read)
-
-    @staticmethod
-    def _class_diversity(sums: torch.Tensor) -> torch.Tensor:
-        """How many classes a batch's rows are predicted as: the entropy of
-        the histogram of their argmax, normalised by ln C (0-d). Near 0 for a
-        run of one class re-normalised with its own statistics (every row
-        goes to the same class); a strong corruption that leaves the
-        predictions vague (low information) leaves their argmax spread."""
-        rows, classes = sums[1], (sums.numel() - 2) // 2
-        share = (sums[2 + classes:] / rows).clamp_min(1e-12)
-        return -(share * share.log()).sum() / math.log(max(classes, 2))
-
-    def _calibrate_diversity(self, batches) -> Optional[Dict[str, float]]:
-        """The information in batch-statistics predictions (``_information``)
-        on healthy batches as served (many classes) and on batches of one
-        source-predicted class (a run). A drift lowers the first level (a
-        corrupted batch of many classes gives vaguer predictions) while the
-        second stays where it was (its class signal is gone whatever the
-        drift), so the threshold sits ``_CHECK_SPLIT`` of the way up from
-        the run level. Both are measured at the calibration batch size
-        (``rows``); the information of a smaller batch is lower (the mean of
-        fewer predictions has less entropy, and a run's level spreads more),
-        so small batches lean towards "run": no step, robust statistics.
-        On the tests' task, calibrated at 64 rows: at 16 rows 4 of 30 healthy
-        batches are taken for runs and 2 of 30 runs pass, at 64 none. (Each
-        level followed to the batch size, fitted through half-size chunks,
-        was tried: 0 and 7 of 30 at 16 rows, the wrong way round.) None when
-        batch statistics do not erase the class signal (no room between the
-        two levels).
-
-        The rows' spread at the last BatchNorm layer (``_batch_statistics_sums``)
-        is measured on the same batches. A strong drift lowers the information
-        of batches of many classes to the runs' level (their predictions grow
-        vague) but leaves their spread above the runs'; where the two levels
-        of the spread are at least ``_SPREAD_SEPARATION`` standard deviations
-        apart, a batch whose spread is above the half-way point also counts as
-        many classes (on an MLP the runs' spread overlaps the healthy one's:
-        off), provided healthy batches spread at least twice as much as
-        runs (``_SPREAD_MIN_GAP``: a drift rescales the spread by factors).
-
-        And the predicted classes' diversity (``_class_diversity``) on the
-        same batches, used where its levels are ``_CLASSES_SEPARATION``
-        standard deviations and ``_CLASSES_MIN_GAP`` apart
-        (``_CLASSES_SPLIT``)."""
-        minimum = self._diversity_rows()
-        if minimum is None:
-            return None
-        device = self._device()
-        inputs = self._calibration_inputs(batches)
-        size = max((x.shape[0] for x in inputs), default=0)
-        # sum and count of the information of healthy batches, of runs; the
-        # batch size; sums and sums of squares of the spread of healthy
-        # batches, of runs; and of the predicted classes' diversity (merged
-        # over ranks)
-        levels = torch.zeros(14, dtype=torch.float64, device=device)
-
-        def measure(x, slot):
-            if x.shape[0] >= minimum:
-                sums, spread = self._batch_statistics_sums(x)
-                if float(sums[1]) >= minimum:  # (rows whose predictions are finite)
-                    levels[slot] += self._information(sums)
-                    levels[slot + 1] += 1.0
-                    levels[6 + slot] += spread
-                    levels[7 + slot] += spread * spread
-                    diversity = self._class_diversity(sums)
-                    levels[10 + slot] += diversity
-                    levels[11 + slot] += diversity * diversity
-        try:
-            for x in inputs:
-                measure(x, 0)
-            if inputs and all(x.shape[1:] == inputs[0].shape[1:] for x in inputs):
-                pooled = torch.cat(inputs)
-                with torch.no_grad(), self.monitor.paused():
-                    self.adapters.active = False
-                    predicted = torch.cat([self._logits(self.model(chunk)).argmax(dim=1)
-                                           for chunk in pooled.split(max(size, 1))])
-                for label in predicted.unique():
-                    members = pooled[predicted == label]
-                    for chunk in members.split(size)[:4]:
-                        measure(chunk, 2)
-        finally:
-            self.adapters.active = False  # (the check itself restores every other flag)
-        levels[4:6] = torch.tensor([float(size), 1.0], dtype=torch.float64, device=device)
-        levels = self._merged(levels).tolist()  # every rank gets the same levels
-        if levels[1] == 0 or levels[3] == 0:
-            return None
-        diverse, run = levels[0] / levels[1], levels[2] / levels[3]
-        if diverse - run < 0.05:
-            return None
-        result = {"measure": "information", "diverse": diverse, "run": run,
-                  "threshold": run + _CHECK_SPLIT * (diverse - run), "rows": levels[4] / levels[5],
-                  "spread_diverse": None, "spread_run": None, "spread_separation": None, "spread_threshold": None,
-                  "classes_diverse": None, "classes_run": None, "classes_separation": None, "classes_threshold": None}
-
-        def separated(first):  # (healthy level, run level, d') of the measure summed from levels[first]
-            def mean_and_variance(slot):
-                mean = levels[first + slot] / levels[slot + 1]
-                return mean, max(levels[first + 1 + slot] / levels[slot + 1] - mean * mean, 0.0)
-            (healthy, healthy_var), (run, run_var) = mean_and_variance(0), mean_and_variance(2)
-            return healthy, run, (healthy - run) / math.sqrt(max(0.5 * (healthy_var + run_var), 1e-12))
-        if levels[1] >= 2 and levels[3] >= 2 and all(math.isfinite(v) for v in levels[6:10]):
-            spread_diverse, spread_run, separation = separated(6)
-            result.update(spread_diverse=spread_diverse, spread_run=spread_run, spread_separation=separation)
-            if separation >= _SPREAD_SEPARATION and spread_diverse - spread_run >= _SPREAD_MIN_GAP:
-                result["spread_threshold"] = spread_run + _SPREAD_SPLIT * (spread_diverse - spread_run)
-        if levels[1] >= 2 and levels[3] >= 2:
-            classes_diverse, classes_run, separation = separated(10)
-            result.update(classes_diverse=classes_diverse, classes_run=classes_run, classes_separation=separation)
-            if separation >= _CLASSES_SEPARATION and classes_diverse - classes_run >= _CLASSES_MIN_GAP:
-                result["classes_threshold"] = classes_run + _CLASSES_SPLIT * (classes_diverse - classes_run)
-        return result
-
-    def _calibrate_class_shift(self, batches) -> Optional[List[float]]:
-        """How far one class moves each statistics layer's statistics
-        (``_AGNOSTIC_SHIFT``), one value per statistics adapter: the source
-        model forwards the calibration rows (adapters off), each row's
-        first and second moments per channel at the layer's input (over
-        positions, for a feature map) are pooled by the row's predicted
-        class, and each class of at least the statistics adapters' minimum
-        batch is compared with all rows. Merged over ranks. None without
-        statistics adapters, with the label-shift guard off (no robust
-        mode), or without a class of that many rows."""
-        norms = self.adapters.norm_adapters()
-        if not norms or math.isinf(self.config["label_shift"]):
-            return None
-        device = self._device()
-        inputs = self._calibration_inputs(batches)
-        modules = self._norm_modules()
-        classes = self._long_probs.numel()
-        # per layer and predicted class: sums of (1, row means, row second
-        # moments) per channel, in one tensor (one collective)
-        widths = [1 + 2 * a.source_mean.numel() for a in norms]
-        sums = torch.zeros(classes, sum(widths), dtype=torch.float64, device=device)
-        offsets = [sum(widths[:i]) for i in range(len(widths))]
-        moments: List[Optional[torch.Tensor]] = [None] * len(modules)
-
-        def capture(index):
-            def hook(module, args):
-                # (float32 over positions, float64 from there: no float64
-                # copy of a large feature map)
-                features = args[0].detach().float()
-                features = features.flatten(2) if features.dim() > 2 else features.unsqueeze(2)
-                moments[index] = torch.cat([torch.ones(features.shape[0], 1, dtype=torch.float64, device=device),
-                                            features.mean(dim=2).double(), features.square().mean(dim=2).double()],
-                                           dim=1)
-            return hook
-        was_active = self.adapters.active
-        handles = [module.register_forward_pre_hook(capture(i)) for i, module in enumerate(modules)]
-        try:
-            with torch.no_grad(), self.monitor.paused():
-                self.adapters.active = False
-                for x in inputs:
-                    moments[:] = [None] * len(modules)
-                    predicted = self._logits(self.model(x)).argmax(dim=1)
-                    for index, rows in enumerate(moments):
-                        if rows is None or rows.shape != (predicted.shape[0], widths[index]):
-                            continue  # (a layer not reached, or reached by other rows)
-                        kept = torch.isfinite(rows).all(dim=1)
-                        sums[:, offsets[index]: offsets[index] + widths[index]].index_add_(
-                            0, predicted[kept], rows[kept])
-        finally:
-            for handle in handles:
-                handle.remove()
-            self.adapters.active = was_active
-        sums = self._merged(sums)
-        minimum = max(8, max(a.min_batch for a in norms))
-        shifts = []
-        for offset, width in zip(offsets, widths):
-            total = sums[:, offset: offset + width]
-            channels = (width - 1) // 2
-            count, first, second = total[:, :1], total[:, 1:1 + channels], total[:, 1 + channels:]
-            large = count[:, 0] >= minimum
-            if not bool(large.any()):
-                shifts.append(math.nan)
-                continue
-            rows = count.sum()
-            mean = first.sum(dim=0) / rows
-            var = (second.sum(dim=0) / rows - mean * mean).clamp_min(1e-12)
-            class_mean = first[large] / count[large]
-            class_var = (second[large] / count[large] - class_mean * class_mean).clamp_min(1e-12)
-            shift = ((class_mean - mean) ** 2 / var + (class_var / var).log() ** 2).mean(dim=1)
-            shifts.append(float(shift.mean()))
-        return None if all(math.isnan(v) for v in shifts) else shifts
-
-    def _mark_class_agnostic(self) -> None:
-        """Marks the statistics adapters whose calibrated class shift is under
-        ``_AGNOSTIC_SHIFT``: robust mode leaves them on batch statistics."""
-        shifts = self._class_shift or []
-        for index, adapter in enumerate(self.adapters.norm_adapters()):
-            adapter.class_agnostic = index < len(shifts) and shifts[index] < _AGNOSTIC_SHIFT
-
-    def _batch_is_diverse(self, x: torch.Tensor, onset: bool = False) -> Optional[bool]:
-        """The batch-statistics check: True when ``x``'s predictions with its
-        own statistics tell its rows apart (information above the threshold
-        of ``_information_threshold``: the calibrated one, moved by the
-        check's recent verdicts; or, where calibration found it telling, the rows' spread
-        at the last BatchNorm layer above its threshold; or, where calibration
-        found it telling, the predicted classes' diversity above its threshold
-        with the information at least at the lowest swayed split:
-        ``_CLASSES_SPLIT``), False when not (a
-        run of classes), None when it cannot tell (no check, too few rows).
-        Under a process group each rank measures its own rows, as at
-        calibration, and the ranks decide together on the means of their
-        measures."""
-        minimum = self._diversity_rows()
-        if self._diversity is None or minimum is None:
-            return None
-        local = torch.zeros(5, dtype=torch.float64, device=self._device())
-        if x.dim() and x.shape[0] >= minimum:
-            sums, spread = self._batch_statistics_sums(x)
-            valid = sums[1] >= minimum  # (rows whose predictions are finite)
-            spread_valid = valid & torch.isfinite(spread)
-            local = torch.stack([torch.where(valid, self._information(sums), 0.0), valid.double(),
-                                 torch.where(spread_valid, spread, 0.0), spread_valid.double(),
-                                 torch.where(valid, self._class_diversity(sums), 0.0)])
-        merged = self._merged(local).tolist()  # (the check's one host read)
-        if merged[1] == 0:
-            return None
-        levels = self._diversity
-        self._batch_information = merged[0] / merged[1]
-        self._batch_spread = merged[2] / merged[3] if merged[3] else None
-        self._batch_classes = merged[4] / merged[1]
-        spread_threshold, classes_threshold = levels.get("spread_threshold"), levels.get("classes_threshold")
-        self._batch_threshold = self._information_threshold(onset)
-        floor = levels["run"] + (_CHECK_SPLIT - 0.5 * _CHECK_SWAY) * (levels["diverse"] - levels["run"])
-        spread_says = spread_threshold is not None and self._batch_spread is not None and \
-            self._batch_spread > spread_threshold
-        classes_say = classes_threshold is not None and self._batch_classes > classes_threshold and \
-            self._batch_information > floor
-        diverse = self._batch_information > self._batch_threshold or spread_says or classes_say
-        self._check_prior = (1 - _CHECK_MEMORY) * self._check_prior + _CHECK_MEMORY * float(diverse)
-        return diverse
-
-    def _information_threshold(self, onset: bool = False) -> float:
-        """The information above which the check calls a batch "many
-        classes": ``_CHECK_SPLIT`` of the way up from the runs' calibrated
-        level to the healthy batches', moved by the check's recent verdicts
-        in this drift episode (``_check_prior``: 1 after a row of "many
-        classes", 0 after a row of runs) by up to ``_CHECK_SWAY / 2`` either
-        way. Runs of classes persist over batches, and so does an i.i.d.
-        drifted stream, while one batch's information scatters around its
-        level: the verdicts before it are a prior for this one. The check
-        of the batch that activated the adapters (``onset``: no verdicts
-        yet, and a run that passes is served worse than the source served
-        it) uses the calibrated threshold; its verdict then counts as any
-        other's from the episode's start at "many classes"."""
-        levels = self._diversity
-        if onset:
-            return levels["threshold"]
-        return levels["threshold"] + _CHECK_SWAY * (0.5 - self._check_prior) * (levels["diverse"] - levels["run"])
-
     def _inputs(self, batch):
-        if isinstance(batch, (tuple, list)):
-            batch = batch[0]
-        return batch
+        return batch_inputs(batch)
 
     def _logits(self, output) -> torch.Tensor:
         return as_logits(output, self.logits_fn)
 
     def _fit_fisher(self, batches) -> None:
-        """Diagonal Fisher of the adapter parameters at the source (adapters
-        active at identity), from cross-entropy with the model's own argmax."""
-        parameters = dict(self.adapters.named_parameters())
-        fisher = {name: torch.zeros_like(p) for name, p in parameters.items()}
-        if not parameters:
-            self.fisher = fisher
-            return
-        samples = 0
-        self.adapters.active = True
-        self.adapters.set_update_running(False)
+        """The Fisher anchor's weights (``objective.fit_fisher``), unseen by the monitor."""
         try:
             with self.monitor.paused():
-                for batch in batches[:32]:
-                    x = self._inputs(batch).to(self._device())
-                    finite = _finite_rows(x)
-                    x = x[finite]
-                    if x.shape[0] == 0:
-                        continue
-                    for p in parameters.values():
-                        p.grad = None
-                    with torch.enable_grad():
-                        for p in parameters.values():
-                            p.requires_grad_(True)
-                        logits = self._logits(self.model(x)).float()
-                        loss = nn.functional.cross_entropy(logits, logits.argmax(dim=1), reduction="sum")
-                        loss.backward()
-                    for name, p in parameters.items():
-                        if p.grad is not None:
-                            fisher[name] += p.grad.detach() ** 2 / x.shape[0]
-                    samples += 1
+                self.fisher = fit_fisher(self.model, self.adapters, batches, self._logits, self._device())
         finally:
-            for p in parameters.values():
-                p.grad = None
-            self.adapters.active = False
-            self.adapters.set_update_running(True)
             self._to_source()
-        scale = max(samples, 1)
-        total = [f / scale for f in fisher.values()]
-        mean = torch.cat([f.flatten() for f in total]).mean().item() if total else 0.0
-        # A floor keeps every parameter anchored a little (a zero-initialised
-        # up-projection makes the down-projection's Fisher exactly zero).
-        floor = max(mean * 0.01, 1e-8)
-        self.fisher = {name: f / scale + floor for name, f in fisher.items()}
 
     def _reference_class_mix(self, batches) -> torch.Tensor:
         """Mean predicted class probabilities of the source on healthy data."""
@@ -901,7 +460,7 @@ class SelfHealer:
         with torch.no_grad(), self.monitor.paused():
             for batch in batches[:32]:
                 x = self._inputs(batch).to(self._device())
-                x = x[_finite_rows(x)]
+                x = x[finite_rows(x)]
                 if x.shape[0] == 0:
                     continue
                 probs = torch.softmax(self._logits(self.model(x)).float(), dim=1).sum(dim=0).double()
@@ -920,8 +479,7 @@ class SelfHealer:
         return (merged[:classes] / merged[classes]).cpu()
 
     def _device(self) -> torch.device:
-        parameter = next(self.model.parameters(), None)
-        return parameter.device if parameter is not None else torch.device("cpu")
+        return model_device(self.model)
 
     # ------------------------------------------------------------- serving
 
@@ -937,7 +495,7 @@ class SelfHealer:
             x = x.clone()  # (a step needs autograd, which inference tensors cannot enter)
         with self._lock:
             try:
-                output = self._serve_approved(x) if self.config["approval"] else self._serve(x)
+                output = self._serve_approved(x) if self.config.approval else self._serve(x)
             finally:
                 self._served_graph = None  # (a step took it, none was taken, or serving raised)
             report = self.drift
@@ -960,12 +518,12 @@ class SelfHealer:
         # drifted source spreads its predictions over a run of one class),
         # and a drift can make it predict one class for every input, which
         # looks like a run too: the batch-statistics check decides.
-        self._check, self._batch_information, self._batch_spread, self._batch_classes = None, None, None, None
-        self._batch_threshold = None
+        self._check = None
+        self.batch_check.clear_reading()
         self._served_source = None
         checked = time.perf_counter()
         if not held and self.active and not self.suspended:
-            hinted = self._robust_norm() or self._run_hinted(self._label_shift)
+            hinted = self.label_shift.in_run() or self.label_shift.hinted()
             if not hinted:
                 # this batch's own source class mix (the source forward the
                 # guards take anyway, taken before serving): a run that
@@ -974,10 +532,10 @@ class SelfHealer:
                 # stream's moments at the fast rate
                 self._served_source = self._source_logits(x)
                 source = self._served_source if self._served_source is not None else \
-                    torch.empty(0, self._long_probs.numel(), device=self._device())  # (an empty batch)
-                hinted = self._looks_like_run(self._guard_statistics(source, source))  # (a collective)
+                    torch.empty(0, self.label_shift.recent.numel(), device=self._device())  # (an empty batch)
+                hinted = self.label_shift.looks_like_run(self._guard_statistics(source, source), self._check)  # (a collective)
             if hinted:
-                self._check = self._batch_is_diverse(x)
+                self._check = self.batch_check.is_diverse(x)
         self._check_seconds = time.perf_counter() - checked  # (adaptation overhead in self.timing)
         self.adapters.set_robust(self._in_run() or held)
         self.adapters.set_update_running(not held)
@@ -1010,8 +568,8 @@ class SelfHealer:
         if self._rate_exhausted(time.monotonic()):
             return False  # the rate limit will refuse the step
         return (self.active and not self.suspended and not self.hold and not held and self.audit_error is None
-                and self.config["mode"] == "inline" and self.optimizer is not None and self._plain_output
-                and not self._in_run() and x.dim() > 0 and x.shape[0] >= self.config["min_step_samples"]
+                and self.config.mode == "inline" and self.optimizer is not None and self._plain_output
+                and not self._in_run() and x.dim() > 0 and x.shape[0] >= self.config.min_step_samples
                 and x.is_floating_point())
 
     def _rate_exhausted(self, now: float) -> bool:
@@ -1033,9 +591,9 @@ class SelfHealer:
         yet, so predict-first holds; the extra forwards (check, re-serve)
         happen once per drift episode."""
         norms = self.adapters.norm_adapters()
-        if not norms or self._diversity is None:
+        if not norms or self.batch_check.levels is None:
             return output, logits
-        self._check = self._batch_is_diverse(x, onset=True)  # (a collective: before any rank-local branch)
+        self._check = self.batch_check.is_diverse(x, onset=True)  # (a collective: before any rank-local branch)
         if self._check is not True or x.shape[0] < norms[0].min_batch:
             return output, logits
         self.adapters.set_robust(False)
@@ -1098,7 +656,7 @@ class SelfHealer:
         report = self.monitor.update(output)
         self.drift = report
         self.batches += 1
-        every = self.config["audit_every"]
+        every = self.config.audit_every
         # every `audit_every` readings (with read_every, unread batches repeat
         # the last reading and are not recorded again)
         if every and report.read and self.audit is not None and self.audit_error is None \
@@ -1138,7 +696,7 @@ class SelfHealer:
         batch's source forward runs anyway, and never change)."""
         if x.dim() == 0 or x.shape[0] == 0:
             return
-        finite = _finite_rows(x)
+        finite = finite_rows(x)
         rows = x[finite].detach()
         if rows.shape[0] == 0:
             return
@@ -1147,7 +705,7 @@ class SelfHealer:
             self._recent_rows = 0
         self._recent.append([rows.clone(), finite, None, self.batches])
         self._recent_rows += rows.shape[0]
-        limit = self.config["buffer_size"]
+        limit = self.config.buffer_size
         while self._recent and self._recent_rows - self._recent[0][0].shape[0] >= limit:
             self._recent_rows -= self._recent.popleft()[0].shape[0]
 
@@ -1162,92 +720,35 @@ class SelfHealer:
     def _buffer(self) -> Optional[torch.Tensor]:
         if not self._recent:
             return None
-        return torch.cat([entry[0] for entry in self._recent])[-self.config["buffer_size"]:]
+        return torch.cat([entry[0] for entry in self._recent])[-self.config.buffer_size:]
 
     def _buffer_source(self) -> Optional[torch.Tensor]:
         """The source probabilities of ``_buffer()``'s rows, when all are known."""
         if not self._recent or any(entry[2] is None for entry in self._recent):
             return None
-        return torch.cat([entry[2] for entry in self._recent])[-self.config["buffer_size"]:]
-
-    def _robust_norm(self) -> bool:
-        """Classes arriving in runs (label-ordered streams): BatchNorm
-        statistics from such batches would be poisoned and entropy steps would
-        pull every input towards the current class. Detected when the batch's
-        class mix (source predictions) departs from the recent stream's, with
-        hysteresis (on above ``label_shift``, off below half of it). A source
-        model that predicts one class for everything under drift does not
-        trigger it once the recent mix has followed (about a window)."""
-        if self._label_shift is None:
-            return self._robust
-        threshold = self.config["label_shift"]
-        if self._label_shift > threshold:
-            self._robust = True
-        elif self._label_shift < 0.5 * threshold:
-            self._robust = False
-        return self._robust
+        return torch.cat([entry[2] for entry in self._recent])[-self.config.buffer_size:]
 
     def _in_run(self) -> bool:
         """This batch is treated as part of a run of classes (robust
         statistics, no entropy step): the batch-statistics check decides when
-        it ran, the label-shift guard otherwise."""
+        it ran, the label-shift tracker otherwise."""
         if self._check is not None:
             return not self._check
-        return self._robust_norm()
+        return self.label_shift.in_run()
 
-    def _run_hinted(self, label_shift: Optional[float]) -> bool:
-        """A label shift above a quarter of the guard's threshold: too weak
-        to call a run, enough to ask the batch-statistics check."""
-        return label_shift is not None and label_shift > 0.25 * self.config["label_shift"]
+    def _check_detail(self) -> Dict[str, Optional[float]]:
+        """The batch-statistics check's measures of this batch, for events."""
+        reading = self.batch_check.reading
+        return {"batch_information": reading.information, "check_threshold": reading.threshold,
+                "batch_spread": reading.spread, "batch_classes": reading.classes}
 
     def _track(self, source_logits: torch.Tensor) -> None:
         """Class mix of a batch served by the source model."""
         self._track_merged(self._guard_statistics(source_logits, source_logits))
 
     def _track_merged(self, stats: torch.Tensor) -> None:
-        """Compares the batch's source-predicted class mix with the stream's
-        recent mix (merged over ranks), then folds it in. Batches under 8
-        samples say too little about their class mix and are only folded in."""
-        rows = float(stats[1])
-        if rows < 1:
-            return
-        self._label_shift = self._expected_shift(stats)
-        classes = (stats.numel() - 2) // 2
-        batch = (stats[2 + classes:] / rows).cpu().clamp_min(1e-8)
-        weight = rows / (rows + self.monitor.config["window"])
-        self._long_probs = (1 - weight) * self._long_probs + weight * batch.double()
-
-    def _expected_shift(self, stats: torch.Tensor) -> Optional[float]:
-        """The label-shift guard's level once this batch is folded in."""
-        shift = self._batch_shift(stats)
-        return self._label_shift if shift is None else \
-            shift if self._label_shift is None else 0.5 * self._label_shift + 0.5 * shift
-
-    def _looks_like_run(self, stats: torch.Tensor) -> bool:
-        """Whether the label-shift guard, with this batch's class mix folded
-        in, would treat it as part of a run of classes, or hint at one."""
-        expected = self._expected_shift(stats)
-        threshold = self.config["label_shift"]
-        return expected is not None and (expected > threshold or (self._robust and expected >= 0.5 * threshold)
-                                         or self._run_hinted(expected))
-
-    def _batch_shift(self, stats: torch.Tensor) -> Optional[float]:
-        """KL divergence of the batch's source class mix from the recent
-        stream's (None under 8 rows); 0 for a batch at least as diverse as the
-        recent stream, or judged diverse by its batch statistics."""
-        rows = float(stats[1])
-        if rows < 8:
-            return None
-        classes = (stats.numel() - 2) // 2
-        batch = (stats[2 + classes:] / rows).cpu().clamp_min(1e-8)
-        recent = self._long_probs.clamp_min(1e-8)
-        # Only a batch *less* diverse than the recent stream is a run of
-        # classes; a more diverse one is the stream recovering (a source
-        # model that collapsed on one class under a drift, now served
-        # clean data again), which must not freeze the statistics.
-        if _effective_from_mean(batch) >= _effective_from_mean(recent) or self._check is True:
-            return 0.0
-        return float((batch * (batch / recent).log()).sum())
+        """Folds the batch's merged guard statistics into the label-shift tracker."""
+        self.label_shift.track(stats, self.monitor.config["window"], self._check)
 
     def _source_logits(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The source model's logits for ``x`` (adapters switched off for one
@@ -1264,19 +765,17 @@ class SelfHealer:
                 self.adapters.active = was_active
 
     def _activate(self, report: DriftReport) -> None:
-        self._check_prior = 1.0  # (a new episode: see _information_threshold)
+        self.batch_check.new_episode()
         self.adapters.active = True
         self.clean_streak = 0
-        self._downstream_baseline = None
-        self._adapted_probs = None
-        self._source_probs = None
-        self._agreement = None
+        self.guard.reset()
         self._pending = []
         self._input_visible = False
         self._drift_passed(report)  # the activating batch may already show it on the input side
         self._event("activate", score=report.score, reasons=list(report.reasons),
-                    top_signal=report.attribution.top_signal if report.attribution else None)
-        if self.config["mode"] == "deferred":
+                    top_signal=report.attribution.top_signal if report.attribution else None,
+                    config=self.config.as_dict())
+        if self.config.mode == "deferred":
             self._start_worker()
 
     def _drift_passed(self, report: DriftReport) -> bool:
@@ -1340,14 +839,13 @@ class SelfHealer:
             # label-ordered streams. Wait for diverse batches.
             # the statistics still moved (slowly): the state is hashed as for a step
             self._event("skip", state_hash=tensor_digest(self.adapters.state_dict()) if self.audit is not None
-                        else None, reason="classes arrive in runs", label_shift=self._label_shift,
-                        batch_information=self._batch_information, check_threshold=self._batch_threshold,
-                        batch_spread=self._batch_spread, batch_classes=self._batch_classes)
+                        else None, reason="classes arrive in runs", label_shift=self.label_shift.level,
+                        **self._check_detail())
             return
         x = self._gather_small(x)
         if x is None:
             return
-        if self.config["mode"] == "inline":
+        if self.config.mode == "inline":
             self._step(x)
         else:
             self._enqueue(x)
@@ -1391,7 +889,7 @@ class SelfHealer:
         (the version is refused and rolled back)."""
         # The restored version is checked too: good version, then the source
         # weights (hold), then suspension (the source model exactly).
-        for _ in range(_MAX_EPISODE_TRIPS + 2):
+        for _ in range(self.config.max_episode_trips + 2):
             if not self.active or self.suspended:
                 return
             try:
@@ -1450,7 +948,7 @@ class SelfHealer:
         sample at a time) are pooled until there are enough for one step: an
         entropy gradient from a single sample is mostly noise. Under a process
         group every rank steps on every batch (the steps are collectives)."""
-        minimum = self.config["min_step_samples"]
+        minimum = self.config.min_step_samples
         if self.process_group is not None or x.shape[0] >= minimum:
             return x
         self._pending.append(x.detach())
@@ -1462,7 +960,7 @@ class SelfHealer:
 
     def _release_after(self, report: DriftReport) -> int:
         """Batches that fill the monitor's window (or ``release_after``)."""
-        return self.config["release_after"] or max(
+        return self.config.release_after or max(
             1, math.ceil(self.monitor.config["window"] / max(report.samples, 1)))
 
     def _release(self) -> None:
@@ -1526,56 +1024,15 @@ class SelfHealer:
         return self._merged(stats)
 
     def _guards(self, stats: torch.Tensor, report) -> bool:
-        """Collapse and divergence guards on merged statistics; True when one
-        tripped (and was handled)."""
-        rows = float(stats[1])
-        if rows < 1:
-            return False
-        classes = (stats.numel() - 2) // 2
-        adapted = (stats[2: 2 + classes] / rows).float()
-        source = (stats[2 + classes:] / rows).float()
-        agreement = float(stats[0]) / rows
-        # Agreement: about the last 16 samples. Class mixes: about a monitor
-        # window of samples, long enough to span several runs of classes, so a
-        # model stuck on one class stands out against the source's mix.
-        weight = min(0.4, rows / (rows + 16))
-        momentum = rows / (rows + self.monitor.config["window"])
-        # starts from full agreement (adapters begin at the source weights)
-        previous = 1.0 if self._agreement is None else self._agreement
-        self._agreement = (1 - weight) * previous + weight * agreement
-        self._adapted_probs = adapted if self._adapted_probs is None else \
-            (1 - momentum) * self._adapted_probs + momentum * adapted
-        self._source_probs = source if self._source_probs is None else \
-            (1 - momentum) * self._source_probs + momentum * source
-        adapted_classes = _effective_from_mean(self._adapted_probs)
-        source_classes = _effective_from_mean(self._source_probs)
-        reason = None
-        if adapted_classes < self.config["collapse_ratio"] * source_classes:
-            reason = f"collapse: {adapted_classes:.2f} effective classes vs {source_classes:.2f} for the source"
-        elif self._agreement < self.config["agreement_floor"]:
-            # Off by default: under strong drift the source can be confidently
-            # wrong on nearly every sample (digits at 30 % contrast: 98 % of
-            # predictions above 0.9 confidence, 10 % accurate), and a good
-            # adaptation then overturns most of its predictions.
-            reason = f"collapse: agreement with the source fell to {self._agreement:.2f}"
-        else:
-            # Divergence of the layers the adapters act on (the input-side taps
-            # only measure the drift itself). Its baseline is taken once the
-            # window holds only batches seen since activation.
-            downstream = [report.signals[name] for name in self.monitor.tap_names if name not in self._input_taps]
-            level = max(downstream) if downstream else None
-            if level is not None and self._downstream_baseline is None and self.steps >= self._release_after(report):
-                self._downstream_baseline = max(level, self.monitor.window_threshold)
-            elif level is not None and self._downstream_baseline is not None and \
-                    level > self.config["divergence_rise"] * self._downstream_baseline:
-                reason = (f"divergence of the adapted layers rose to {level:.2f} "
-                          f"(baseline {self._downstream_baseline:.2f})")
+        """The collapse and divergence guard (``heal/guards.py``) on merged
+        statistics; True when it tripped (and the trip was handled). A
+        healthy version is kept as good every ``good_every`` steps."""
+        downstream = [report.signals[name] for name in self.monitor.tap_names if name not in self._input_taps]
+        reason = self.guard.check(stats, self.monitor.config["window"], downstream, self.monitor.window_threshold,
+                                  window_turned=self.steps >= self._release_after(report))
         if reason is None:
-            # A version is kept as good only when clearly healthy (the guard's
-            # averages lag a little behind a collapse in progress).
-            healthy = (self._agreement >= 2 * self.config["agreement_floor"]
-                       and adapted_classes >= 0.75 * source_classes)
-            if healthy and self.steps and self.steps % 10 == 0 and self.steps != self._last_snapshot_step:
+            if self.guard.healthy and self.steps and self.steps % self.config.good_every == 0 and \
+                    self.steps != self._last_snapshot_step:
                 self._last_snapshot_step = self.steps
                 self._snapshot(good=True)
             return False
@@ -1589,7 +1046,7 @@ class SelfHealer:
         self.guard_trips += 1
         self._episode_trips += 1
         self._event(kind, reason=reason, trips_this_drift=self._episode_trips, **detail)
-        target = self.good_version if self._episode_trips < _MAX_EPISODE_TRIPS else 0
+        target = self.good_version if self._episode_trips < self.config.max_episode_trips else 0
         # The drift is still there: the adapters stay active (at the source
         # weights when no good version was kept), statistics adaptation included.
         self.learning_rate *= 0.5  # before the restore: a restarted deferred worker takes it
@@ -1601,17 +1058,14 @@ class SelfHealer:
             self.suspended = True
             self.adapters.active = False
             self._event("suspend", reason="guard tripped with adapter training on hold")
-        elif self._episode_trips >= _MAX_EPISODE_TRIPS:
+        elif self._episode_trips >= self.config.max_episode_trips:
             # Repeated collapses: stop training the adapters until this drift
             # passes or the healer is reset (statistics adaptation goes on).
             self.hold = True
             self._event("hold", reason=f"{self._episode_trips} guard trips in one drift episode")
         for group in (self.optimizer.param_groups if self.optimizer else []):
             group["lr"] = self.learning_rate
-        self._adapted_probs = None
-        self._source_probs = None
-        self._agreement = None
-        self._downstream_baseline = None
+        self.guard.reset()
 
     # ---------------------------------------------------------- adaptation
 
@@ -1654,7 +1108,7 @@ class SelfHealer:
         # its own. Same values: the served forward normalised with the same
         # statistics, and no weight has changed since.
         served, self._served_graph = self._served_graph, None
-        finite = _finite_rows(x)
+        finite = finite_rows(x)
         reuse = served is not None and model is self.model and served[0] is x and bool(finite.all())
         x = x if reuse else x[finite]
         parameters = dict(adapters.named_parameters())
@@ -1708,7 +1162,7 @@ class SelfHealer:
             before = {name: p.detach().clone() for name, p in parameters.items()}
             torch.nn.utils.clip_grad_norm_(list(parameters.values()), 1.0)
             optimizer.step()
-            shift = self._project(parameters)
+            shift = project_within(parameters, self._source_state, self.config.max_shift)
             with torch.no_grad():
                 change = math.sqrt(float(sum(((p - before[name]) ** 2).sum() for name, p in parameters.items())))
             cap = self.policy.max_weight_change
@@ -1731,11 +1185,11 @@ class SelfHealer:
                   "learning_rate": optimizer.param_groups[0]["lr"]}
         if self._check is True and model is self.model:
             # looked like a run of one class, but its own statistics say many classes
-            detail["batch_information"] = self._batch_information
-            detail["check_threshold"] = self._batch_threshold
+            detail["batch_information"] = self.batch_check.reading.information
+            detail["check_threshold"] = self.batch_check.reading.threshold
         if record:
             self._event("step", state_hash=tensor_digest(adapters.state_dict()) if self.audit is not None else None, **detail)
-        if self.config["reset_every"] and self.steps % self.config["reset_every"] == 0:
+        if self.config.reset_every and self.steps % self.config.reset_every == 0:
             # the adapters and optimizer this step trained (the deferred
             # worker's copies in deferred mode; its next publish carries it)
             self._to_source(adapters)
@@ -1746,30 +1200,14 @@ class SelfHealer:
         return detail
 
     def _loss(self, output, parameters, x=None, model=None, adapters=None) -> Tuple[torch.Tensor, int]:
-        """EATA's objective: confidence-weighted entropy over reliable
-        (entropy below ``entropy_margin * ln C``), non-redundant samples, plus
-        the Fisher anchor to the source adapters and the rules' penalties.
-        Returns (loss, samples used)."""
+        """The step's objective (``objective.py``): reliable, non-redundant,
+        certainty-weighted entropy plus the Fisher anchor to the source
+        adapters, and the rules' penalties. Returns (loss, samples used)."""
         logits = self._logits(output)
-        entropy, _ = ops.softmax_entropy(logits.float())
-        margin = self.config["entropy_margin"] * math.log(logits.shape[1])
-        probs = torch.softmax(logits.detach().float(), dim=1)
-        selected = entropy.detach() < margin
-        if self._mean_probs is not None and self.config["redundancy"] > 0:
-            similarity = nn.functional.cosine_similarity(probs, self._mean_probs.unsqueeze(0), dim=1)
-            selected &= similarity < 1 - self.config["redundancy"]
-        count = int(selected.sum())
+        loss, count, self._mean_probs = reliable_entropy(logits, self.config.entropy_margin,
+                                                         self.config.redundancy, self._mean_probs)
         self.selected_last_step = count
-        anchor = sum((self.fisher[name] * (p - self._source_state[name]) ** 2).sum()
-                     for name, p in parameters.items() if name in self.fisher)
-        if count:
-            weights = torch.exp(-(entropy.detach()[selected] - margin))
-            loss = (weights * entropy[selected]).sum() / count
-            chosen = probs[selected].mean(dim=0)
-            self._mean_probs = chosen if self._mean_probs is None else 0.9 * self._mean_probs + 0.1 * chosen
-        else:
-            loss = entropy.sum() * 0.0
-        loss = loss + self.config["anchor"] * anchor
+        loss = loss + self.config.anchor * fisher_anchor(self.fisher, parameters, self._source_state)
         if self.rules and x is not None and x.shape[0] > 0:
             try:
                 penalty = total_penalty(self.rules, self._rule_context(model, adapters, x, grad=True, logits=logits))
@@ -1778,25 +1216,6 @@ class SelfHealer:
             if penalty is not None:
                 loss = loss + penalty
         return loss, count
-
-    def _project(self, parameters: Dict[str, torch.Tensor]) -> float:
-        """Keeps the adapters within ``max_shift`` (L2) of the source; returns
-        their distance from it afterwards."""
-        shift = self._shift(parameters)
-        cap = self.config["max_shift"]
-        if shift > cap:
-            factor = cap / shift
-            with torch.no_grad():
-                for name, p in parameters.items():
-                    source = self._source_state[name]
-                    p.copy_(source + (p - source) * factor)
-            shift = cap
-        return shift
-
-    def _shift(self, parameters: Dict[str, torch.Tensor]) -> float:
-        with torch.no_grad():  # one host read for all parameters
-            total = sum(((p - self._source_state[name]) ** 2).sum() for name, p in parameters.items())
-        return math.sqrt(float(total))
 
     def _reset_optimizer(self) -> None:
         if self.optimizer is not None:
@@ -1821,8 +1240,8 @@ class SelfHealer:
         return output
 
     def _stage_batch(self, x: torch.Tensor, logits: torch.Tensor, report: DriftReport) -> None:
-        self._check, self._batch_information, self._batch_spread, self._batch_classes = None, None, None, None
-        self._batch_threshold = None
+        self._check = None
+        self.batch_check.clear_reading()
         if self._stage is None:
             if not report.read:
                 return
@@ -1842,8 +1261,8 @@ class SelfHealer:
         # check re-normalises the source model, whatever version is served).
         stats = self._guard_statistics(logits, logits)
         if not self.hold and not self.suspended and self.policy.hours_allow() and \
-                (self._robust_norm() or self._looks_like_run(stats)):
-            self._check = self._batch_is_diverse(x)
+                (self.label_shift.in_run() or self.label_shift.looks_like_run(stats, self._check)):
+            self._check = self.batch_check.is_diverse(x)
         self._track_merged(stats)
         if self.hold or self.suspended or not self._policy_allows():
             return
@@ -1857,9 +1276,8 @@ class SelfHealer:
                 shadow.set_robust(True)
                 shadow.set_update_running(True)
                 model(x)
-            self._event("skip", reason="classes arrive in runs", label_shift=self._label_shift, staged=True,
-                        batch_information=self._batch_information, check_threshold=self._batch_threshold,
-                        batch_spread=self._batch_spread, batch_classes=self._batch_classes)
+            self._event("skip", reason="classes arrive in runs", label_shift=self.label_shift.level, staged=True,
+                        **self._check_detail())
             return
         x = self._gather_small(x)
         if x is None:
@@ -1872,7 +1290,7 @@ class SelfHealer:
             model(x)
         if self._step(x, adapters=shadow, model=model, optimizer=optimizer):
             self._stage_steps += 1
-            if self._stage_steps >= self.config["proposal_steps"]:
+            if self._stage_steps >= self.config.proposal_steps:
                 self._propose()
 
     def _start_stage(self, report: DriftReport) -> None:
@@ -1880,11 +1298,12 @@ class SelfHealer:
         self._drift_passed(report)
         self._stage = self._detached_copy(self.versions[self.approved_version])
         self._stage_steps = 0
-        self._check_prior = 1.0  # (a new episode: see _information_threshold)
+        self.batch_check.new_episode()
         self.clean_streak = 0
         self._pending = []
         self._event("activate", staged=True, score=report.score, reasons=list(report.reasons),
-                    top_signal=report.attribution.top_signal if report.attribution else None)
+                    top_signal=report.attribution.top_signal if report.attribution else None,
+                    config=self.config.as_dict())
 
     def _reset_stage_optimizer(self) -> None:
         model, shadow, _ = self._stage
@@ -1906,7 +1325,7 @@ class SelfHealer:
         self.hold = False
         self.suspended = False
         self._episode_trips = 0
-        self.learning_rate = self.config["lr"]
+        self.learning_rate = self.config.lr
         self._event("release", clean_batches=self.clean_streak, staged=True)
         self.clean_streak = 0
 
@@ -1930,7 +1349,7 @@ class SelfHealer:
             shadow.load_state_dict(self.versions[self.approved_version])
             self.learning_rate *= 0.5
             self._reset_stage_optimizer()
-            if self._episode_trips >= _MAX_EPISODE_TRIPS and not self.hold:
+            if self._episode_trips >= self.config.max_episode_trips and not self.hold:
                 self.hold = True
                 self._event("hold", reason=f"{self._episode_trips} refused proposals in one drift episode")
             return None
@@ -1952,7 +1371,7 @@ class SelfHealer:
             probs = torch.softmax(logits.float() / temperature, dim=1)
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=1)
             return {"entropy": float(entropy.mean()), "accuracy_estimate": float(probs.max(dim=1).values.mean()),
-                    "effective_classes": _effective_from_mean(probs.mean(dim=0)),
+                    "effective_classes": effective_classes(probs.mean(dim=0)),
                     "agreement_with_source": float((logits.argmax(dim=1) == source.argmax(dim=1)).float().mean())}
 
         shadow.set_robust(True)
@@ -1970,10 +1389,10 @@ class SelfHealer:
         parameters = dict(shadow.named_parameters())
         evidence = {"rows": int(x.shape[0]), "source": summary(source, source), "approved": summary(approved, source),
                     "proposed": summary(proposed, source), "rules": [r.as_dict() for r in results],
-                    "shift": self._shift(parameters) if parameters else 0.0}
+                    "shift": distance_from(parameters, self._source_state) if parameters else 0.0}
         problems = []
         if evidence["proposed"]["effective_classes"] < \
-                self.config["collapse_ratio"] * evidence["source"]["effective_classes"]:
+                self.config.collapse_ratio * evidence["source"]["effective_classes"]:
             problems.append(f"collapse: {evidence['proposed']['effective_classes']:.2f} effective classes vs "
                             f"{evidence['source']['effective_classes']:.2f} for the source")
         problems.extend(f"rule {r.rule!r} violated" for r in results if not r.ok)
@@ -2039,7 +1458,7 @@ class SelfHealer:
         if self.audit is None or not self.proposals:
             return
         now = time.monotonic()
-        if now - self._last_poll < self.config["poll_interval"]:
+        if now - self._last_poll < self.config.poll_interval:
             return
         self._last_poll = now
         try:
@@ -2097,7 +1516,7 @@ class SelfHealer:
             self.suspended = False
             self._episode_trips = 0
             self._policy_blocked = None
-            if self.version == 0 and self.drift is not None and self.drift.drift and not self.config["approval"]:
+            if self.version == 0 and self.drift is not None and self.drift.drift and not self.config.approval:
                 self.adapters.active = True
             self._event("resume")
 
@@ -2156,8 +1575,8 @@ class SelfHealer:
             module._forward_pre_hooks.clear()
         for p in model.parameters():
             p.requires_grad_(False)
-        shadow = AdapterSet(model, [copy.copy(p) for p in self.adapters.placements], seed=self.config["seed"],
-                            robust_horizon=self.config["robust_horizon"], norm_prior=self.config["norm_prior"])
+        shadow = AdapterSet(model, [copy.copy(p) for p in self.adapters.placements], seed=self.config.seed,
+                            robust_horizon=self.config.robust_horizon, norm_prior=self.config.norm_prior)
         shadow.load_state_dict(state)
         for copied, served in zip(shadow.norm_adapters(), self.adapters.norm_adapters()):
             copied.class_agnostic = served.class_agnostic  # (calibrated, not part of the state)
@@ -2244,7 +1663,7 @@ class SelfHealer:
                 self._created_files.add(digest)
             self.snapshots.save(state, {"version": version, "steps": self.steps, "batches": self.batches,
                                         "learning_rate": self.learning_rate, "time": time.time()})
-        keep = self.config["keep_versions"]
+        keep = self.config.keep_versions
         protected = {0, self.good_version, self.approved_version, version}
         for old in sorted(self.versions)[1:-keep]:
             if old in protected or self.version_digests.get(old) in self._approved_digests:
@@ -2279,7 +1698,7 @@ class SelfHealer:
             if version != 0 and version in self.versions:
                 self.adapters.active = True  # the restored version is served
             self._restore(version, reason)
-            if self.config["approval"]:
+            if self.config.approval:
                 self.approved_version = self.version
                 self._approved_digests.add(self.version_digests[self.version])
                 self.adapters.active = self.version != 0
@@ -2313,7 +1732,7 @@ class SelfHealer:
             self.adapters.active = False
         self._reset_optimizer()
         self._event("rollback", state_hash=self.version_digests.get(version), to=version, reason=reason)
-        if self.active and self.config["mode"] == "deferred":
+        if self.active and self.config.mode == "deferred":
             self._start_worker()
 
     @_outside_inference_mode
@@ -2331,8 +1750,8 @@ class SelfHealer:
     def _event(self, kind: str, state_hash: Optional[str] = None, **detail) -> None:
         self.event_count += 1
         self.events.append(HealEvent(self.batches, kind, self.version, detail, seq=self.event_count))
-        if len(self.events) > _EVENT_LIMIT:
-            del self.events[: len(self.events) - _EVENT_LIMIT]
+        if len(self.events) > self.config.event_limit:
+            del self.events[: len(self.events) - self.config.event_limit]
         if self.audit is None or self.audit_error is not None:
             return
         try:
@@ -2350,7 +1769,7 @@ class SelfHealer:
     def state_dict(self) -> Dict[str, Any]:
         with self._lock:
             return {
-                "config": dict(self.config),
+                "config": self.config.as_dict(),
                 "adapters": self._adapter_state(),
                 "active": self.active,
                 # deep copies: Adam's load_state_dict keeps tensors it is given,
@@ -2364,18 +1783,12 @@ class SelfHealer:
                              "clean_streak": self.clean_streak, "episode_trips": self._episode_trips,
                              "hold": self.hold, "suspended": self.suspended, "input_visible": self._input_visible},
                 "mean_probs": None if self._mean_probs is None else self._mean_probs.clone(),
-                "label_shift": self._label_shift, "robust": self._robust, "check_prior": self._check_prior,
+                **self.label_shift.state_dict(),
                 "pending": [t.clone() for t in self._pending],
-                "reference_probs": None if self._reference_probs is None else self._reference_probs.clone(),
-                "diversity": None if self._diversity is None else dict(self._diversity),
-                "class_shift": None if self._class_shift is None else list(self._class_shift),
-                "long_probs": None if self._long_probs is None else self._long_probs.clone(),
+                **self.batch_check.state_dict(),
                 "input_taps": list(self._input_taps),
-                "guard_averages": {"agreement": self._agreement,
-                                   "adapted": None if self._adapted_probs is None else self._adapted_probs.clone(),
-                                   "source": None if self._source_probs is None else self._source_probs.clone()},
+                **self.guard.state_dict(),
                 "last_snapshot_step": self._last_snapshot_step,
-                "downstream_baseline": self._downstream_baseline,
                 "monitor": self.monitor.state_dict(),
                 "governance": {
                     "version_digests": dict(self.version_digests),
@@ -2402,16 +1815,7 @@ class SelfHealer:
                 raise ValueError("selfheal: the state's adapters do not match this model's "
                                  f"(missing {sorted(expected - set(state['adapters']))}, "
                                  f"unexpected {sorted(set(state['adapters']) - expected)})")
-            # (absent from states saved before class-agnostic layers: none is
-            # marked; checked before anything is loaded)
-            class_shift = state.get("class_shift")
-            if class_shift is not None:
-                layers = len(self.adapters.norm_adapters())
-                if not isinstance(class_shift, (list, tuple)) or len(class_shift) != layers or \
-                        not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in class_shift):
-                    raise ValueError(f"selfheal: the state's class_shift must hold one number per statistics "
-                                     f"adapter ({layers}), got {class_shift!r}")
-                class_shift = [float(v) for v in class_shift]
+            check = self.batch_check.checked_state(state)  # (validated before anything is loaded)
             self.monitor.load_state_dict(state["monitor"])
             # the reading unread batches repeat (read_every): a drift that was
             # already on when saved is not a new onset
@@ -2435,31 +1839,12 @@ class SelfHealer:
             self.suspended = bool(counters["suspended"])
             self._input_visible = bool(counters.get("input_visible", False))
             self._mean_probs = None if state["mean_probs"] is None else state["mean_probs"].to(device, copy=True)
-            self._label_shift = state["label_shift"]
             self._pending = [t.to(device, copy=True) for t in state["pending"]]
-            self._robust = bool(state["robust"])
-            self._check_prior = float(state.get("check_prior", 1.0))  # (absent from older states)
-            self._reference_probs = None if state["reference_probs"] is None else state["reference_probs"].clone()
-            self._long_probs = None if state["long_probs"] is None else state["long_probs"].clone()
-            # (absent from states saved before batch_diversity; levels of the
-            # older entropy measure cannot be converted: recalibrate)
-            diversity = state.get("diversity")
-            if diversity is not None and diversity.get("measure") != "information":
-                warnings.warn("selfheal: this state's batch-statistics check levels come from an older version "
-                              "(entropy, not information); the check is off until calibrate() runs again",
-                              RuntimeWarning, stacklevel=3)  # (the decorator's wrapper)
-                diversity = None
-            self._diversity = None if diversity is None else \
-                {k: (v if k == "measure" or v is None else float(v)) for k, v in diversity.items()}
-            self._class_shift = class_shift
-            self._mark_class_agnostic()
+            self.label_shift.load_state_dict(state)
+            self.batch_check.load_checked(check)
             self._input_taps = list(state["input_taps"])
-            averages = state["guard_averages"]
-            self._agreement = averages["agreement"]
-            self._adapted_probs = None if averages["adapted"] is None else averages["adapted"].clone()
-            self._source_probs = None if averages["source"] is None else averages["source"].clone()
+            self.guard.load_state_dict(state)
             self._last_snapshot_step = int(state["last_snapshot_step"])
-            self._downstream_baseline = state["downstream_baseline"]
             self._source_state = dict(self.versions[0])
             governance = state.get("governance")
             if governance is not None:
@@ -2483,7 +1868,7 @@ class SelfHealer:
                 # decisions written with the CLI while this state was saved are applied at the next poll
                 self._request_seq = int(governance.get("request_seq", self._request_seq))
                 self._sync_proposals_with_log()
-            if self.active and self.config["mode"] == "deferred":
+            if self.active and self.config.mode == "deferred":
                 self._start_worker()
 
 
@@ -2494,18 +1879,3 @@ def _map_tensors(function, value):
 
 def _has_inference_tensor(value) -> bool:
     return any(isinstance(t, torch.Tensor) and t.is_inference() for t in torch.utils._pytree.tree_leaves(value))
-
-
-def _finite_rows(x: torch.Tensor) -> torch.Tensor:
-    if x.dim() == 0:
-        raise ValueError("selfheal: a batch needs a batch dimension, got a 0-d tensor")
-    if not x.is_floating_point():
-        return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    if x.numel() == 0:
-        return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    return torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-
-
-def _effective_from_mean(mean: torch.Tensor) -> float:
-    mean = mean.clamp_min(1e-12)
-    return float(torch.exp(-(mean * mean.log()).sum()))

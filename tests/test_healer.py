@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from selfheal_ext import SelfHealer
-from selfheal_ext.healer import _AGNOSTIC_SHIFT
+from selfheal_ext import HealerConfig
+from selfheal_ext.heal.batch_check import class_diversity
 from healing_data import C, Task, accuracy, trained_model
 
 MONITOR = dict(window=256, false_alarm_every=200, bootstrap=400)
@@ -123,7 +124,7 @@ def _run_and_check_rollbacks(healer, stream):
     guards = [e for e in healer.events if e.kind == "guard"]
     assert guards, [e.kind for e in healer.events][:20]
     assert [e.kind for e in healer.events].count("rollback") == len(guards) and all(restored)
-    assert healer.learning_rate <= healer.config["lr"] / 2
+    assert healer.learning_rate <= healer.config.lr / 2
     return guards
 
 
@@ -194,7 +195,7 @@ def _active_on_a_drift_with_nothing_hinting_at_a_run(task, source_model, **optio
     for x, _ in drift_stream(task, batches=12):
         healer(x)
     assert healer.active and not healer._in_run()
-    healer._label_shift, healer._robust = None, False  # nothing hints at a run before the next batch
+    healer.label_shift.level, healer.label_shift.robust = None, False  # nothing hints at a run before the next batch
     return healer
 
 
@@ -252,126 +253,123 @@ def _neutral(check, healer):
     """The batch-statistics check with its recent verdicts reset to neither
     side before each call: its threshold is then the calibrated one."""
     def call(x, **options):
-        healer._check_prior = 0.5
+        healer.batch_check.prior = 0.5
         return check(x, **options)
     return call
 
 
 def test_batch_diversity_is_calibrated_between_diverse_batches_and_runs(task, source_model):
     healer = make_healer(task, source_model)
-    levels = healer._diversity
+    levels = healer.batch_check.levels
     assert levels["measure"] == "information" and levels["diverse"] > levels["threshold"] > levels["run"]
     assert levels["threshold"] == pytest.approx(levels["run"] + 0.3 * (levels["diverse"] - levels["run"]))
     # a batch of one class, normalised with its own statistics, loses its class signal
     one_class = task.sample(64, labels=torch.full((64,), 3))[0]
     healer.adapters.active = True
     # (with no verdicts to lean on, neither way, the threshold is the calibrated one)
-    healer._batch_is_diverse = _neutral(healer._batch_is_diverse, healer)
-    assert healer._batch_is_diverse(one_class) is False and healer._batch_information < levels["threshold"]
-    assert healer._batch_is_diverse(task.sample(64)[0]) is True and healer._batch_information > levels["threshold"]
-    assert healer._batch_is_diverse(task.sample(8)[0]) is None  # too few rows to tell
+    healer.batch_check.is_diverse = _neutral(healer.batch_check.is_diverse, healer)
+    assert healer.batch_check.is_diverse(one_class) is False and healer.batch_check.reading.information < levels["threshold"]
+    assert healer.batch_check.is_diverse(task.sample(64)[0]) is True and healer.batch_check.reading.information > levels["threshold"]
+    assert healer.batch_check.is_diverse(task.sample(8)[0]) is None  # too few rows to tell
     # the check uses the batch's statistics alone (no prior), so a
     # small batch of one class is not pulled towards "diverse"
-    assert healer._batch_is_diverse(one_class[:16]) is False
+    assert healer.batch_check.is_diverse(one_class[:16]) is False
     healer.adapters.active = False
-    del healer._batch_is_diverse  # (the healer's own check, verdicts and all, while it serves)
+    del healer.batch_check.is_diverse  # (the healer's own check, verdicts and all, while it serves)
     # trained adapters do not move the check: it re-normalises the source model
     for x, _ in drift_stream(task, batches=30):
         healer(x)
     assert healer.active and healer.steps >= 20
     healer.adapters.active = True
-    assert healer._batch_is_diverse(one_class) is False
+    assert healer.batch_check.is_diverse(one_class) is False
     twin = make_healer(task, source_model, batch_diversity=False)
     twin.load_state_dict(healer.state_dict())
-    assert twin._diversity == levels
+    assert twin.batch_check.levels == levels
     # levels saved by the older entropy measure cannot be read as information
     old = healer.state_dict()
     old["diversity"] = {"diverse": 0.1, "run": 0.7, "threshold": 0.4}
     with pytest.warns(RuntimeWarning, match="recalibrate|calibrate"):
         twin.load_state_dict(old)
-    assert twin._diversity is None
-    assert make_healer(task, source_model, batch_diversity=False)._diversity is None
-    assert make_healer(task, source_model, label_shift=float("inf"))._diversity is None
+    assert twin.batch_check.levels is None
+    assert make_healer(task, source_model, batch_diversity=False).batch_check.levels is None
+    assert make_healer(task, source_model, label_shift=float("inf")).batch_check.levels is None
     # without BatchNorm the check has nothing to tell runs apart with
     plain = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
                                 torch.nn.Linear(64, C)).eval()
     healer = SelfHealer(plain, monitor_options=MONITOR)
     healer.calibrate([task.sample(64)[0] for _ in range(24)])
-    assert healer._diversity is None
+    assert healer.batch_check.levels is None
 
 
 def test_the_checks_recent_verdicts_move_its_threshold(task, source_model):
     # Runs of classes persist over batches, and so does an i.i.d. drifted
     # stream: the check's threshold leans towards its own recent verdicts,
-    # by up to _CHECK_SWAY / 2 of the way between the calibrated levels.
-    import selfheal_ext.healer as healer_module
+    # by up to check_sway / 2 of the way between the calibrated levels.
     healer = make_healer(task, source_model)
-    levels = healer._diversity
+    levels = healer.batch_check.levels
     gap = levels["diverse"] - levels["run"]
-    sway = healer_module._CHECK_SWAY
+    sway = healer.config.check_sway
     for prior, expected in ((1.0, levels["threshold"] - sway / 2 * gap), (0.5, levels["threshold"]),
                             (0.0, levels["threshold"] + sway / 2 * gap)):
-        healer._check_prior = prior
-        assert healer._information_threshold() == pytest.approx(expected)
+        healer.batch_check.prior = prior
+        assert healer.batch_check.threshold() == pytest.approx(expected)
     # the onset's check (no verdicts yet) uses the calibrated threshold
-    assert healer._information_threshold(onset=True) == levels["threshold"]
+    assert healer.batch_check.threshold(onset=True) == levels["threshold"]
     # a batch right at the calibrated threshold: "many classes" after a row
     # of such verdicts, "run" after a row of runs
     x = task.sample(64, corrupt=True)[0]
     healer.adapters.active = True
-    healer._check_prior = 0.5
-    healer._batch_is_diverse(x)
-    healer._diversity = dict(levels, threshold=healer._batch_information, spread_threshold=None)
-    healer._check_prior = 1.0
-    assert healer._batch_is_diverse(x) is True and healer._batch_threshold < healer._batch_information
-    assert healer._check_prior == 1.0
-    healer._check_prior = 0.0
-    assert healer._batch_is_diverse(x) is False and healer._check_prior == 0.0
-    # each verdict weighs _CHECK_MEMORY
-    healer._check_prior = 0.5
-    healer._batch_is_diverse(x)  # (at the calibrated threshold: not above it)
-    assert healer._check_prior == pytest.approx(0.5 * (1 - healer_module._CHECK_MEMORY))
+    healer.batch_check.prior = 0.5
+    healer.batch_check.is_diverse(x)
+    healer.batch_check.levels = dict(levels, threshold=healer.batch_check.reading.information, spread_threshold=None)
+    healer.batch_check.prior = 1.0
+    assert healer.batch_check.is_diverse(x) is True and healer.batch_check.reading.threshold < healer.batch_check.reading.information
+    assert healer.batch_check.prior == 1.0
+    healer.batch_check.prior = 0.0
+    assert healer.batch_check.is_diverse(x) is False and healer.batch_check.prior == 0.0
+    # each verdict weighs check_memory
+    healer.batch_check.prior = 0.5
+    healer.batch_check.is_diverse(x)  # (at the calibrated threshold: not above it)
+    assert healer.batch_check.prior == pytest.approx(0.5 * (1 - healer.config.check_memory))
     # saved and restored with the state; a new drift episode starts at "many classes"
     twin = make_healer(task, source_model)
     twin.load_state_dict(healer.state_dict())
-    assert twin._check_prior == healer._check_prior
+    assert twin.batch_check.prior == healer.batch_check.prior
     healer.adapters.active = False
-    healer._diversity = levels
-    healer._check_prior = 0.0
+    healer.batch_check.levels = levels
+    healer.batch_check.prior = 0.0
     healer.reset()
-    assert healer._check_prior == 1.0
+    assert healer.batch_check.prior == 1.0
     healer(task.sample(64, corrupt=True)[0])
-    healer._check_prior = 0.0
+    healer.batch_check.prior = 0.0
     healer._activate(healer.drift)
-    assert healer._check_prior == 1.0
+    assert healer.batch_check.prior == 1.0
 
 
-def test_the_check_also_reads_the_rows_spread_at_the_last_norm_layer(task, source_model, monkeypatch):
-    import selfheal_ext.healer as healer_module
+def test_the_check_also_reads_the_rows_spread_at_the_last_norm_layer(task, source_model):
     healer = make_healer(task, source_model)
-    levels = healer._diversity
+    levels = healer.batch_check.levels
     assert levels["spread_diverse"] > levels["spread_run"]
     one_class = task.sample(64, labels=torch.full((64,), 3))[0]
     mixed = task.sample(64)[0]
-    run_spread, mixed_spread = (float(healer._batch_statistics_sums(x)[1]) for x in (one_class, mixed))
+    run_spread, mixed_spread = (float(healer.batch_check.statistics_sums(x)[1]) for x in (one_class, mixed))
     assert run_spread < mixed_spread  # rows of one class share their class's features
     healer.adapters.active = True
     # information alone can never clear a batch above 1: the spread decides
-    healer._diversity = dict(levels, threshold=2.0, spread_threshold=0.5 * (run_spread + mixed_spread))
-    assert healer._batch_is_diverse(mixed) is True and healer._batch_is_diverse(one_class) is False
-    assert healer._batch_spread == pytest.approx(run_spread)
-    healer._diversity = dict(levels, threshold=2.0, spread_threshold=None)
-    assert healer._batch_is_diverse(mixed) is False  # off: information alone
+    healer.batch_check.levels = dict(levels, threshold=2.0, spread_threshold=0.5 * (run_spread + mixed_spread))
+    assert healer.batch_check.is_diverse(mixed) is True and healer.batch_check.is_diverse(one_class) is False
+    assert healer.batch_check.reading.spread == pytest.approx(run_spread)
+    healer.batch_check.levels = dict(levels, threshold=2.0, spread_threshold=None)
+    assert healer.batch_check.is_diverse(mixed) is False  # off: information alone
     healer.adapters.active = False
     # the spread is used where calibration separates runs from healthy
-    # batches by _SPREAD_SEPARATION standard deviations and their spreads by
-    # a ratio of at least exp(_SPREAD_MIN_GAP), half-way between them
+    # batches by spread_separation standard deviations and their spreads by
+    # a ratio of at least exp(spread_min_gap), half-way between them
     gap = levels["spread_diverse"] - levels["spread_run"]
     for separation, min_gap, used in ((0.0, 0.0, True), (1e9, 0.0, False), (0.0, gap * 0.99, True),
                                       (0.0, gap * 1.01, False)):
-        monkeypatch.setattr(healer_module, "_SPREAD_SEPARATION", separation)
-        monkeypatch.setattr(healer_module, "_SPREAD_MIN_GAP", min_gap)
-        levels = make_healer(task, source_model)._diversity
+        settings = HealerConfig(spread_separation=separation, spread_min_gap=min_gap)
+        levels = make_healer(task, source_model, config=settings).batch_check.levels
         assert levels["spread_separation"] > 0
         if used:
             assert levels["spread_threshold"] == pytest.approx(
@@ -384,33 +382,32 @@ def test_the_check_also_reads_the_rows_spread_at_the_last_norm_layer(task, sourc
     twin = make_healer(task, source_model)
     twin.load_state_dict(old)
     twin.adapters.active = True
-    assert twin._batch_is_diverse(one_class) is False
+    assert twin.batch_check.is_diverse(one_class) is False
 
 
-def test_the_check_also_reads_how_many_classes_the_rows_are_predicted_as(task, source_model, monkeypatch):
+def test_the_check_also_reads_how_many_classes_the_rows_are_predicted_as(task, source_model):
     # A strong corruption of the noise family leaves a batch's predictions
     # vague (its information falls towards the runs') while their argmax
     # still follows the class: where calibration separates the two levels,
     # diverse argmax with information at least at the lowest swayed split
     # counts as many classes.
-    import selfheal_ext.healer as healer_module
     healer = make_healer(task, source_model)
-    levels = healer._diversity
+    levels = healer.batch_check.levels
     # on this MLP a re-normalised run's argmax is as spread as a healthy
     # batch's (as on the benchmark's tabular MLP): measured, and off
     assert 0 < levels["classes_run"] <= 1 and 0 < levels["classes_diverse"] <= 1
     assert levels["classes_threshold"] is None
     mixed = task.sample(64)[0]
-    sums = healer._batch_statistics_sums(mixed)[0]
+    sums = healer.batch_check.statistics_sums(mixed)[0]
     counts = sums[2 + C:]
     assert float(counts.sum()) == 64 and torch.equal(counts, counts.round())
     share = counts[counts > 0] / 64
-    assert float(healer._class_diversity(sums)) == pytest.approx(float(-(share * share.log()).sum() / math.log(C)))
+    assert float(class_diversity(sums)) == pytest.approx(float(-(share * share.log()).sum() / math.log(C)))
     healer.adapters.active = True
-    healer._batch_is_diverse(mixed)
-    information, classes = healer._batch_information, healer._batch_classes
-    assert classes == pytest.approx(float(healer._class_diversity(sums)))
-    lowest = healer_module._CHECK_SPLIT - 0.5 * healer_module._CHECK_SWAY
+    healer.batch_check.is_diverse(mixed)
+    information, classes = healer.batch_check.reading.information, healer.batch_check.reading.classes
+    assert classes == pytest.approx(float(class_diversity(sums)))
+    lowest = healer.config.check_split - 0.5 * healer.config.check_sway
     # the information threshold out of reach: the predicted classes decide,
     # provided the information is above the lowest swayed split of levels
     # placed around it
@@ -418,19 +415,18 @@ def test_the_check_also_reads_how_many_classes_the_rows_are_predicted_as(task, s
                                                            (True, classes + 1e-6, False),
                                                            (False, classes - 1e-6, False)):
         run = information - (2.0 if information_above else 0.5) * lowest  # (floor: run + lowest)
-        healer._diversity = dict(levels, threshold=2.0, spread_threshold=None, run=run, diverse=run + 1.0,
+        healer.batch_check.levels = dict(levels, threshold=2.0, spread_threshold=None, run=run, diverse=run + 1.0,
                                  classes_threshold=classes_threshold)
-        assert healer._batch_is_diverse(mixed) is expected, (information_above, classes_threshold)
+        assert healer.batch_check.is_diverse(mixed) is expected, (information_above, classes_threshold)
     healer.adapters.active = False
-    # used where calibration separates the levels by _CLASSES_SEPARATION
-    # standard deviations and _CLASSES_MIN_GAP, _CLASSES_SPLIT of the way up
+    # used where calibration separates the levels by classes_separation
+    # standard deviations and classes_min_gap, classes_split of the way up
     for separation, min_gap, used in ((-1e9, -1.0, True), (1e9, -1.0, False), (-1e9, 1.0, False)):
-        monkeypatch.setattr(healer_module, "_CLASSES_SEPARATION", separation)
-        monkeypatch.setattr(healer_module, "_CLASSES_MIN_GAP", min_gap)
-        levels = make_healer(task, source_model)._diversity
+        settings = HealerConfig(classes_separation=separation, classes_min_gap=min_gap)
+        levels = make_healer(task, source_model, config=settings).batch_check.levels
         if used:
             gap = levels["classes_diverse"] - levels["classes_run"]
-            assert levels["classes_threshold"] == pytest.approx(levels["classes_run"] + healer_module._CLASSES_SPLIT * gap)
+            assert levels["classes_threshold"] == pytest.approx(levels["classes_run"] + settings.classes_split * gap)
         else:
             assert levels["classes_threshold"] is None
     # states saved before the measure existed load with it off
@@ -441,10 +437,10 @@ def test_the_check_also_reads_how_many_classes_the_rows_are_predicted_as(task, s
     twin = make_healer(task, source_model)
     twin.load_state_dict(old)
     twin.adapters.active = True
-    assert twin._batch_is_diverse(mixed) is True
+    assert twin.batch_check.is_diverse(mixed) is True
     old["diversity"] = {k: v for k, v in old["diversity"].items() if not k.startswith("classes")}
     twin.load_state_dict(old)
-    assert twin._batch_is_diverse(mixed) is False
+    assert twin.batch_check.is_diverse(mixed) is False
 
 
 def test_a_drift_that_collapses_the_source_onto_one_class_is_not_taken_for_a_run(task, source_model):
@@ -488,7 +484,7 @@ def test_the_onset_batch_of_a_run_is_served_by_the_source_model(task, source_mod
         if healer.active and not was_active:
             with torch.no_grad():
                 assert torch.equal(output, source_model(x))
-            assert healer._batch_information < healer._diversity["threshold"]
+            assert healer.batch_check.reading.information < healer.batch_check.levels["threshold"]
             break
     else:
         pytest.fail("the drift was not detected")
@@ -541,9 +537,9 @@ def test_class_agnostic_layers_are_found_at_calibration_follow_drift_in_runs_and
     healer.calibrate([sample(64)[0] for _ in range(24)])
     targets = [p.target for p in healer.adapters.placements if p.kind == "norm"]
     norms = dict(zip(targets, healer.adapters.norm_adapters()))
-    shifts = dict(zip(targets, healer._class_shift))
-    assert shifts["side.1"] < _AGNOSTIC_SHIFT and norms["side.1"].class_agnostic
-    assert all(shifts[t] > 10 * _AGNOSTIC_SHIFT and not norms[t].class_agnostic for t in targets if t != "side.1")
+    shifts = dict(zip(targets, healer.batch_check.class_shift))
+    assert shifts["side.1"] < HealerConfig().agnostic_shift and norms["side.1"].class_agnostic
+    assert all(shifts[t] > 10 * HealerConfig().agnostic_shift and not norms[t].class_agnostic for t in targets if t != "side.1")
     # classes in runs, drifted, the noise columns moved too: robust mode
     # holds the class-dependent layers' statistics, the side layer follows
     side_inputs = []
@@ -565,12 +561,12 @@ def test_class_agnostic_layers_are_found_at_calibration_follow_drift_in_runs_and
     # the marks come back with the state; older states have none
     twin = SelfHealer(copy.deepcopy(model), monitor_options=MONITOR)
     twin.load_state_dict(healer.state_dict())
-    assert twin._class_shift == healer._class_shift
+    assert twin.batch_check.class_shift == healer.batch_check.class_shift
     assert [a.class_agnostic for a in twin.adapters.norm_adapters()] == [norms[t].class_agnostic for t in targets]
     old = healer.state_dict()
     del old["class_shift"]
     twin.load_state_dict(old)
-    assert twin._class_shift is None and not any(a.class_agnostic for a in twin.adapters.norm_adapters())
+    assert twin.batch_check.class_shift is None and not any(a.class_agnostic for a in twin.adapters.norm_adapters())
     # a corrupt entry is refused before anything is loaded
     twin.load_state_dict(healer.state_dict())
     before = {k: v.clone() for k, v in twin.adapters.state_dict().items()}
@@ -582,11 +578,11 @@ def test_class_agnostic_layers_are_found_at_calibration_follow_drift_in_runs_and
         with pytest.raises(ValueError, match="class_shift"):
             twin.load_state_dict(old)
         assert all(torch.equal(v, before[k]) for k, v in twin.adapters.state_dict().items())
-        assert twin.batches == batches and twin._class_shift == healer._class_shift
+        assert twin.batches == batches and twin.batch_check.class_shift == healer.batch_check.class_shift
     # the label-shift guard off: no robust mode, nothing measured
     off = SelfHealer(copy.deepcopy(model), monitor_options=MONITOR, label_shift=float("inf"))
     off.calibrate([sample(64)[0] for _ in range(24)])
-    assert off._class_shift is None and not any(a.class_agnostic for a in off.adapters.norm_adapters())
+    assert off.batch_check.class_shift is None and not any(a.class_agnostic for a in off.adapters.norm_adapters())
 
 
 def test_state_round_trip_gives_identical_next_outputs(task, source_model):

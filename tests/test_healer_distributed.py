@@ -38,7 +38,7 @@ def _worker(rank, out_dir):
             healer(task.sample(size, corrupt=True, labels=torch.full((size,), label))[0])
     torch.save({"adapters": healer.adapters.state_dict(), "steps": healer.steps, "active": healer.active,
                 "drift": [e.batch for e in healer.events if e.kind == "activate"],
-                "diversity": healer._diversity,
+                "diversity": healer.batch_check.levels,
                 "decisions": [(e.batch, e.kind) for e in healer.events if e.kind in ("step", "skip")]},
                os.path.join(out_dir, f"rank{rank}.pt"))
 

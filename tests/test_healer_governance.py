@@ -434,7 +434,7 @@ def test_runs_of_classes_are_audited_with_the_state_and_staged_statistics_follow
             moved.append(any(not torch.equal(b, a) for b, a in zip(before, after)))
     assert moved and all(moved)  # every staged skip of a run moved the staged statistics
     norms = staged._stage[1].norm_adapters()
-    assert norms and all(a.robust_horizon == staged.config["robust_horizon"] for a in norms)
+    assert norms and all(a.robust_horizon == staged.config.robust_horizon for a in norms)
 
 
 @pytest.mark.parametrize("prior", [None, 32.0])
