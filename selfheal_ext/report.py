@@ -17,7 +17,7 @@ import html
 import io
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from .governance import AuditLog, AuditRecord
 
@@ -162,8 +162,15 @@ def _plots(monitor: List[AuditRecord], events: List[AuditRecord]) -> List[Tuple[
 
     images.append(("Top drifting layers over time", _heatmap(plt, monitor, time_axis)))
 
+    images.append(("Entropy and estimated accuracy", _entropy_plot(plt, monitor, numbers, shade_active, time_axis)))
+    images.append(("Adaptation events", _adaptation_plot(plt, events, mark_events, time_axis)))
+    return images
+
+
+def _entropy_plot(plt, monitor: List[AuditRecord], numbers, shade_active, time_axis) -> str:
+    """Mean entropy and the label-free accuracy estimate over time."""
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 4.6), sharex=True)
-    if times:
+    if monitor:
         t, entropy = numbers("entropy_mean")
         top.plot(t, entropy, lw=1.2, color="#9467bd")
         t, accuracy = numbers("accuracy_estimate")
@@ -179,9 +186,13 @@ def _plots(monitor: List[AuditRecord], events: List[AuditRecord]) -> List[Tuple[
                   + ("" if labelled(monitor) else "\n(no labels given: the estimate is the mean confidence, "
                                                    "not a measured accuracy)"))
     bottom.set_ylabel("estimated accuracy (%)")
-    images.append(("Entropy and estimated accuracy", _figure_png(figure)))
+    png = _figure_png(figure)
     plt.close(figure)
+    return png
 
+
+def _adaptation_plot(plt, events: List[AuditRecord], mark_events, time_axis) -> str:
+    """Adaptation steps (distance from the source) and the governance events."""
     figure, axis = plt.subplots(figsize=(10, 2.8))
     steps = [r for r in events if r.kind == "step"]
     if steps:
@@ -196,9 +207,9 @@ def _plots(monitor: List[AuditRecord], events: List[AuditRecord]) -> List[Tuple[
         axis.text(0.5, 0.5, "no adaptation", ha="center", transform=axis.transAxes)
     axis.set_ylabel("L2 distance")
     axis.set_title("Adaptation: steps, rollbacks, guard trips, rule violations, decisions")
-    images.append(("Adaptation events", _figure_png(figure)))
+    png = _figure_png(figure)
     plt.close(figure)
-    return images
+    return png
 
 
 def _heatmap(plt, monitor: List[AuditRecord], time_axis) -> str:

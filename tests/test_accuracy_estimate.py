@@ -125,7 +125,7 @@ def test_labels_are_needed_for_atc_and_doc_and_the_state_keeps_the_estimator():
     restored = sh.DriftMonitor(_model(), window=256, false_alarm_every=1000, bootstrap=1000, alarm_min_drop=0.05)
     restored.load_state_dict(state)
     for x, _ in _batches(6, seed=5, separation=0.5):
-        a, b = monitor(x), restored(x)
+        monitor(x), restored(x)
         assert monitor.last_report.accuracy_estimates == restored.last_report.accuracy_estimates
     corrupt = dict(state, accuracy_estimator=dict(state["accuracy_estimator"], reference_accuracy=2.0))
     fresh = sh.DriftMonitor(_model(), window=256, false_alarm_every=1000, bootstrap=1000, alarm_min_drop=0.05)
