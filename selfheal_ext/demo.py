@@ -313,6 +313,13 @@ def run_stream(healer, source: nn.Module, segments: List[Segment], progress: Cal
             if event.seq > first_seq:
                 kinds[event.kind] = kinds.get(event.kind, 0) + 1
         labelled = segment.labels is not None and samples > 0
+        if healer.audit is not None:  # the report's per-segment table
+            healer.audit.append(
+                "segment", batch=healer.batches, name=segment.name, drifted=segment.drifted,
+                batches=len(segment.inputs), samples=samples, labelled=labelled,
+                source_accuracy=correct_source / samples if labelled else None,
+                healed_accuracy=correct_healed / samples if labelled else None,
+                estimated_accuracy=estimated / max(samples, 1))
         results.append(SegmentResult(
             segment.name, segment.drifted, len(segment.inputs), samples,
             correct_source / samples if labelled else None, correct_healed / samples if labelled else None,

@@ -681,7 +681,9 @@ class SelfHealer:
                 entropy_tail=report.entropy_tail, accuracy_estimate=report.accuracy_estimate,
                 batch_accuracy_estimate=report.batch_accuracy_estimate, samples=report.samples, read=report.read,
                 nonfinite_samples=report.nonfinite_samples, warming_up=report.warming_up,
-                active=self.active, approved_version=self.approved_version)
+                active=self.active, approved_version=self.approved_version,
+                signals=report.signals, accuracy_estimates=report.accuracy_estimates,
+                estimated_drop=report.estimated_drop, suppressed=list(report.suppressed))
         except Exception as error:  # noqa: BLE001 - same rule as for events
             self.audit_error = f"{type(error).__name__}: {error}"
             warnings.warn(f"selfheal: audit log write failed ({self.audit_error}); adaptation is suspended "

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from . import ops, reference
+from .accuracy_estimate import ESTIMATORS, AccuracyEstimator
 from .taps import (POOLINGS, Tap, TapSpec, apply_sketch, first_tensor, pool_features, random_projection, resolve_taps,
                    sketch_plan)
 from .thresholds import binomial_upper_tail, cusum_threshold, fit_temperature, upper_quantile
@@ -53,8 +54,9 @@ _BUDGET_WINDOW, _BUDGET_BATCH, _BUDGET_CUSUM_SIDE, _BUDGET_NONFINITE = 0.80, 0.0
 _ENTROPY_TAIL_QUANTILE = 0.9
 # Float64 sums kept per batch beside the integer histogram tables: entropy and
 # calibrated confidence of the rows with finite logits, rows whose entropy is
-# above the reference tail level, rows with finite logits, rows without.
-_STAT_ENTROPY, _STAT_CONFIDENCE, _STAT_TAIL, _STAT_FINITE, _STAT_NONFINITE, _STATS = 0, 1, 2, 3, 4, 5
+# above the reference tail level, rows with finite logits, rows without, rows
+# whose confidence is above the ATC threshold (accuracy_estimate.py).
+_STAT_ENTROPY, _STAT_CONFIDENCE, _STAT_TAIL, _STAT_FINITE, _STAT_NONFINITE, _STAT_ATC, _STATS = 0, 1, 2, 3, 4, 5, 6
 _FORMAT_VERSION = 1
 _MAX_BOOTSTRAP = 10_000
 
@@ -100,6 +102,15 @@ class DriftReport:
     # False for a batch the monitor did not read (``read_every``): the fields
     # are those of the last batch read.
     read: bool = True
+    # The window's label-free accuracy estimates (accuracy_estimate.py):
+    # {"confidence", "atc", "doc", "reference", "labelled"}; atc/doc are None
+    # when calibrated without labels.
+    accuracy_estimates: Optional[Dict[str, object]] = None
+    # reference accuracy minus the estimate of the monitor's ``accuracy_estimator``
+    estimated_drop: float = float("nan")
+    # alarms raised by a test but withheld because the estimated drop was
+    # under ``alarm_min_drop`` (a benign drift)
+    suppressed: Tuple[str, ...] = ()
 
 
 @dataclass
@@ -120,6 +131,9 @@ class CalibrationReport:
     tail_extrapolated: bool = False
     notes: List[str] = field(default_factory=list)
     batch_threshold: float = math.inf
+
+
+_UNSET = object()
 
 
 class DriftMonitor:
@@ -164,6 +178,15 @@ class DriftMonitor:
             false alarms per served batch are up to ``read_every`` times the
             configured rate while it is on. Under a process group every rank
             must set it alike.
+        alarm_min_drop: when set, the monitor alarms only on drifts whose
+            estimated accuracy drop (``DriftReport.estimated_drop``, reference
+            accuracy minus the window's estimate, as a fraction: 0.05 is five
+            points) is at least this; other alarms are withheld and listed in
+            ``DriftReport.suppressed``. Non-finite surges always alarm.
+        accuracy_estimator: which estimate ``estimated_drop`` and
+            ``alarm_min_drop`` use: ``"atc"``, ``"doc"`` (both need ``(x, y)``
+            calibration batches), ``"confidence"``, or ``"auto"`` (ATC with
+            labels, average confidence without).
 
     Example::
 
@@ -173,6 +196,10 @@ class DriftMonitor:
         if monitor.drift_detected:
             print(monitor.last_report.attribution)
     """
+
+    # options left out of a saved state at their default, so the state loads
+    # where the option does not exist yet
+    _DEFAULTS_LEFT_OUT = {"read_every": 1, "alarm_min_drop": None, "accuracy_estimator": "auto"}
 
     def __init__(
         self,
@@ -195,6 +222,8 @@ class DriftMonitor:
         max_calibration_samples: int = 65_536,
         pooling: Optional[Dict[str, str]] = None,
         read_every: int = 1,
+        alarm_min_drop: Optional[float] = None,
+        accuracy_estimator: str = "auto",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"selfheal: DriftMonitor watches an nn.Module, got {type(model).__name__}")
@@ -218,6 +247,13 @@ class DriftMonitor:
         if not false_alarm_every / read_every > 1:
             raise ValueError(f"selfheal: false_alarm_every ({false_alarm_every}) must exceed read_every "
                              f"({read_every}): the tests run once per {read_every} batches")
+        if alarm_min_drop is not None and not (isinstance(alarm_min_drop, (int, float))
+                                               and 0.0 <= alarm_min_drop <= 1.0):
+            raise ValueError(f"selfheal: alarm_min_drop must be a fraction in [0, 1] (0.05 = five accuracy "
+                             f"points) or None, got {alarm_min_drop!r}")
+        if accuracy_estimator not in ESTIMATORS + ("auto",):
+            raise ValueError(f"selfheal: accuracy_estimator must be one of {ESTIMATORS + ('auto',)}, "
+                             f"got {accuracy_estimator!r}")
         if bootstrap is not None and bootstrap < 200:
             raise ValueError(f"selfheal: bootstrap must be >= 200 windows, got {bootstrap}")
         self.model = model
@@ -238,6 +274,8 @@ class DriftMonitor:
             "max_calibration_samples": int(max_calibration_samples),
             "pooling": {name: kind for name, kind in sorted(pooling.items()) if kind != "mean"},
             "read_every": int(read_every),
+            "alarm_min_drop": None if alarm_min_drop is None else float(alarm_min_drop),
+            "accuracy_estimator": accuracy_estimator,
         }
         self.logits_fn = logits_fn
         self.process_group = process_group
@@ -255,6 +293,9 @@ class DriftMonitor:
         self._skip_left = 0
         self._read_all = False
         self._removed = False
+        # (mask, lo, hi) per feature: edges calibrate keeps instead of the
+        # quantiles (FeatureMonitor's categorical columns: one bin per category)
+        self._fixed_edges: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
         self._unread_report: Optional[DriftReport] = None
         self._unread_of: Optional[DriftReport] = None
         self._projections: Dict[str, Optional[torch.Tensor]] = {}
@@ -491,18 +532,25 @@ class DriftMonitor:
                 f"logits (4 x window={window}); got {kept}" + (f" ({dropped} dropped for NaN/Inf)" if dropped else "")
                 + ". Pass more batches, or a smaller window.")
         table, logits = table[finite_rows], logits[finite_rows]
-        self.temperature, reference_accuracy = 1.0, None
+        self.temperature, reference_accuracy, correct = 1.0, None, None
         if labels_list:
             labels = torch.cat(labels_list)
             if labels.numel() != finite_rows.numel():
                 raise ValueError(f"selfheal: calibrate got {labels.numel()} labels for {finite_rows.numel()} samples")
             labels = labels[finite_rows]
             self.temperature = fit_temperature(logits, labels)
-            reference_accuracy = float((logits.argmax(dim=1) == labels).double().mean())
+            correct = logits.argmax(dim=1) == labels
+            reference_accuracy = float(correct.double().mean())
         else:
-            notes.append("no labels: confidence is not temperature-calibrated (temperature 1)")
+            if self.config["accuracy_estimator"] in ("atc", "doc"):
+                raise ValueError(f"selfheal: accuracy_estimator={self.config['accuracy_estimator']!r} needs the "
+                                 "reference accuracy: calibrate on (x, y) pairs")
+            notes.append("no labels: confidence is not temperature-calibrated (temperature 1); accuracy "
+                         "estimates are the mean confidence only (no ATC/DoC) and drops are measured from "
+                         "the reference's mean confidence")
         entropy, confidence = self._confidence(logits)
         entropy, confidence = entropy.double(), confidence.double()
+        self._accuracy = AccuracyEstimator.fit(confidence, correct)
 
         widths = [features[name].shape[1] for name in names]
         offsets = [0]
@@ -519,6 +567,11 @@ class DriftMonitor:
         hi = _column_quantile(table, high)
         span = torch.clamp(hi - lo, min=0)
         hi = torch.where(span > 0, hi, lo + torch.clamp(lo.abs() * 1e-3, min=1e-6))
+        if self._fixed_edges is not None:
+            fixed, fixed_lo, fixed_hi = self._fixed_edges
+            if fixed.shape != lo.shape:
+                raise ValueError(f"selfheal: fixed edges for {fixed.numel()} features, the taps give {lo.numel()}")
+            lo, hi = torch.where(fixed, fixed_lo.double(), lo), torch.where(fixed, fixed_hi.double(), hi)
         self.lo, self.hi = lo.float().contiguous(), hi.float().contiguous()
 
         # Reference tables from one half, null distributions from the other:
@@ -791,7 +844,7 @@ class DriftMonitor:
         # Float64 sums: the same total whichever way the rows are split over ranks.
         sums = torch.stack([entropy, confidence]).double().nansum(dim=1)
         stats = torch.cat([sums, torch.stack([(entropy > self.entropy_tail_level).sum(), finite_rows,
-                                              rows - finite_rows]).double()])
+                                              rows - finite_rows]).double(), self._accuracy.batch_sums(confidence)])
         samples = rows
         if self.process_group is not None:
             import torch.distributed as dist
@@ -864,6 +917,17 @@ class DriftMonitor:
                 self.cusum[side] = 0.0  # restart, so a persisting shift alarms again
         if nonfinite and nonfinite >= self._nonfinite_limit(samples):
             reasons.append("nonfinite")
+        estimates = self._accuracy.estimate(window_stats[_STAT_CONFIDENCE], window_stats[_STAT_ATC],
+                                            window_stats[_STAT_FINITE])
+        estimated_drop = self._accuracy.drop(estimates, self.config["accuracy_estimator"])
+        suppressed = ()
+        min_drop = self.config["alarm_min_drop"]
+        if min_drop is not None and reasons and not estimated_drop >= min_drop:
+            # a benign drift: the data moved, the estimated accuracy did not
+            # (a NaN estimate is not evidence of harm); a non-finite surge is
+            # harmful by itself
+            suppressed = tuple(reason for reason in reasons if reason != "nonfinite")
+            reasons = [reason for reason in reasons if reason == "nonfinite"]
         drift = bool(reasons)
         self.batches_seen += 1
         self.alarms += drift
@@ -875,8 +939,9 @@ class DriftMonitor:
             entropy_tail=window_stats[_STAT_TAIL] / window_rows,
             accuracy_estimate=window_stats[_STAT_CONFIDENCE] / window_rows,
             batch_accuracy_estimate=batch_stats[_STAT_CONFIDENCE] / batch_rows,
-            samples=samples, nonfinite_samples=nonfinite, window_samples=window_samples, warming_up=warming_up)
-        if drift:
+            samples=samples, nonfinite_samples=nonfinite, window_samples=window_samples, warming_up=warming_up,
+            accuracy_estimates=estimates, estimated_drop=estimated_drop, suppressed=suppressed)
+        if drift or suppressed:
             report.attribution = self.attribution(report)
         self.last_report = report
         return report
@@ -951,7 +1016,8 @@ class DriftMonitor:
         return {
             "format_version": _FORMAT_VERSION,
             # read_every=1 is left out, so the state loads where the option does not exist
-            "config": {k: v for k, v in self.config.items() if k != "read_every" or v != 1},
+            "config": {k: v for k, v in self.config.items() if self._DEFAULTS_LEFT_OUT.get(k, _UNSET) != v},
+            "accuracy_estimator": self._accuracy.state_dict(),
             "taps": self.tap_names,
             "projections": {n: (p.cpu() if p is not None else None) for n, p in self._projections.items()},
             "slices": dict(self._slices), "lo": self.lo.cpu(), "hi": self.hi.cpu(),
@@ -983,7 +1049,8 @@ class DriftMonitor:
         config = dict(state["config"])
         config["quantile_range"] = tuple(config["quantile_range"])
         config.setdefault("pooling", {})  # states saved before per-tap pooling existed
-        config.setdefault("read_every", 1)
+        for key, value in self._DEFAULTS_LEFT_OUT.items():
+            config.setdefault(key, value)
         if config != self.config:
             differ = sorted(k for k in set(config) | set(self.config) if config.get(k) != self.config.get(k))
             raise ValueError(f"selfheal: state was saved with a different configuration ({', '.join(differ)})")
@@ -998,6 +1065,14 @@ class DriftMonitor:
                 raise ValueError(f"selfheal: state has a corrupt {key!r}")
         if not (state["hi"] > state["lo"]).all():
             raise ValueError("selfheal: state has bin edges with hi <= lo")
+        # states saved before the accuracy estimators: the mean confidence only
+        accuracy = AccuracyEstimator.from_state(state.get("accuracy_estimator", {
+            "reference_confidence": state.get("reference_confidence")}))
+        window_state = dict(state["window_state"])
+        for key in ("ring_stats", "stats"):
+            saved = window_state.get(key)
+            if isinstance(saved, torch.Tensor) and saved.shape[-1] == _STATS - 1:  # saved before _STAT_ATC
+                window_state[key] = torch.cat([saved, torch.zeros_like(saved[..., :1])], dim=-1)
         batch_threshold = state.get("batch_threshold")
         if batch_threshold is not None:
             batch_threshold = float(batch_threshold)
@@ -1040,7 +1115,8 @@ class DriftMonitor:
         self._nonfinite_limit_cache = {}
         self._move_to_device()
         self._make_runtime_state()
-        self._window.load_state_dict(state["window_state"])
+        self._window.load_state_dict(window_state)
+        self._accuracy = accuracy
         cusum = [float(v) for v in state["cusum"]]
         if len(cusum) != 2 or not all(math.isfinite(v) and v >= 0 for v in cusum):
             raise ValueError("selfheal: state has a corrupt 'cusum'")

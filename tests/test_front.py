@@ -70,12 +70,12 @@ def _chromium():
 
 
 def test_report_opens_in_headless_chromium_with_every_image_loaded(demo, tmp_path):
-    out, _, _ = demo
+    out, result, _ = demo
     page = tmp_path / "report.html"
     status, printed, err = cli("report", str(out / "audit.db"), "--out", str(page), "--title", "CI report")
     assert status == 0 and page.is_file(), err
     html = page.read_text()
-    assert html.count("data:image/png;base64,") == 3 and "Hash chain intact" in html
+    assert html.count("data:image/png;base64,") == 4 and "Hash chain intact" in html
     browser, driver_path = _chromium()
     if browser is None or driver_path is None:
         pytest.skip("no chromium/chromedriver here (.ci/run installs Debian's)")
@@ -95,7 +95,23 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(demo, tmp_pat
         assert driver.title == "CI report"
         images = driver.execute_script(
             "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight]);")
-        assert len(images) == 3 and all(done and w > 100 and h > 100 for done, w, h in images), images
+        assert len(images) == 4 and all(done and w > 100 and h > 100 for done, w, h in images), images
+        # the segment accuracies as the demo measured them, the heatmap by name, time on the x axis
+        table = driver.execute_script(
+            "return Array.from(document.querySelectorAll('table.accuracy tr')).map("
+            "r => Array.from(r.cells).map(c => c.textContent));")
+        assert table[0][:4] == ["segment", "until (UTC)", "batches", "served accuracy"]
+        assert [row[0] for row in table[1:]] == [s["name"] + (" (drift)" if s["drifted"] else "")
+                                                 for s in result["segments"]]
+        assert [row[3] for row in table[1:]] == [f"{100 * s['healed_accuracy']:.1f}%" for s in result["segments"]]
+        alts = driver.execute_script("return Array.from(document.images).map(i => i.alt);")
+        assert any(alt.startswith("Top drifting layers over time") for alt in alts), alts
+        stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+        assert all(re.search(rf"x axis: time, {stamp} to {stamp} UTC", alt) for alt in alts), alts
+        reasons = driver.execute_script("return Array.from(document.querySelectorAll('ul.alarms li')).map("
+                                        "l => l.textContent);")
+        assert reasons and all("largest change in" in text and "top_signal" not in text for text in reasons)
+        assert "Caveat" in driver.find_element("css selector", "p.caveat").text  # the demo gives no labels
         errors = [entry for entry in driver.get_log("browser") if entry["level"] in ("SEVERE", "ERROR")]
         assert errors == []
     finally:
@@ -206,7 +222,29 @@ def test_report_survives_non_finite_values_and_escapes_every_cell(tmp_path):
     db.close()
     page = write_report(tmp_path / "audit.db", tmp_path / "report.html").read_text()
     assert "<script>" not in page and "<img src=x" not in page and "&lt;img src=x" in page
-    assert "Hash chain BROKEN" in page and page.count("data:image/png;base64,") == 3
+    assert "Hash chain BROKEN" in page and page.count("data:image/png;base64,") == 4
+    # no segment records: accuracy per hour, estimated and marked so, with the no-labels caveat
+    assert "Accuracy per hour" in page and "90.0% <i>(estimated)</i>" in page and "Caveat" in page
+
+
+def test_alarm_reasons_in_words_and_labelled_estimates_drop_the_caveat(tmp_path):
+    from selfheal_ext.report import alarm_words, write_report
+    words = alarm_words({"reasons": ["window", "nonfinite"], "signals": {"6": 3.0, "entropy_tail": 7.5, "x": "nan"},
+                         "estimated_drop": 0.12})
+    assert words == ("The recent window's distribution moved away from the reference (window test); a surge of "
+                     "NaN/Inf values; largest change in the share of uncertain (high-entropy) predictions; "
+                     "estimated accuracy drop +12.0 points.")
+    assert alarm_words({"reasons": ["batch"], "top_signal": "6"}).endswith("largest change in layer '6'.")
+    log = AuditLog(tmp_path / "audit.db")
+    for batch in range(1, 4):
+        log.append("monitor", batch=batch, score=5.0, threshold=4.0, accuracy_estimate=0.8,
+                   batch_accuracy_estimate=0.8, signals={"fc": 5.0, "entropy_mean": 1.0},
+                   accuracy_estimates={"labelled": True, "atc": 0.8})
+    log.append("activate", batch=3, reasons=["cusum_up"], top_signal="fc")
+    log.close()
+    page = write_report(tmp_path / "audit.db", tmp_path / "report.html").read_text()
+    assert "Caveat" not in page and "top_signal=" not in page
+    assert "A small persistent shift added up (CUSUM, upward); largest change in layer &#x27;fc&#x27;" in page
 
 
 def test_a_listener_that_removes_itself_and_raises_does_not_break_serving():
