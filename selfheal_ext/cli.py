@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="group", required=True)
 
     demo = commands.add_parser("demo", help="a CNN serving drifting digits, healed live; writes an audit log and report")
-    demo.add_argument("--quick", action="store_true", help="three drifts, shorter segments (about 15 s)")
+    demo.add_argument("--quick", action="store_true", help="three drifts, shorter segments")
     demo.add_argument("--device", default="cpu", help="cpu or cuda")
     demo.add_argument("--out", default="selfheal_demo", help="directory for the audit log, snapshots and report")
     demo.add_argument("--train", action="store_true", help="train the demo model now instead of loading the shipped one")
