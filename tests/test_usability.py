@@ -4,6 +4,7 @@ the window chosen from the amount of healthy data, the library's logger,
 
 import copy
 import logging
+import re
 import subprocess
 import sys
 import tarfile
@@ -155,3 +156,17 @@ def test_the_sdist_holds_every_file_the_build_needs(tmp_path):
             "LICENSE", "selfheal_ext/py.typed"} <= needed
     assert needed - names == set()
     assert not any(name.endswith(".so") or name.endswith("_build_config.py") for name in names)
+
+
+def test_the_readme_is_short_and_every_figure_in_it_is_in_the_benchmarks_page():
+    readme = (ROOT / "README.md").read_text()
+    benchmarks = (ROOT / "docs" / "benchmarks.md").read_text()
+    assert len(readme.splitlines()) < 250
+    prose = "\n".join(part for index, part in enumerate(readme.split("```")) if index % 2 == 0)
+    prose = re.sub(r"`[^`]*`", "", prose).replace("Apache-2.0", "")  # code and names, not figures
+
+    def figures(text):
+        return set(re.findall(r"(?<![\w.-])\d+\.\d+(?![\w.])", text))
+    assert len(figures(prose)) > 20, "the README's figures were not found"
+    missing = sorted(figures(prose) - figures(benchmarks))
+    assert not missing, missing
