@@ -3,23 +3,30 @@ possible. Environment knobs: USE_CUDA=0 (CPU only), FORCE_CUDA=1 (CUDA even if
 detection says no), CUDA_HOME (toolkit folder), TORCH_CUDA_ARCH_LIST (default
 "8.0;9.0+PTX"), MAX_JOBS (parallel compiles, default 2)."""
 
+import glob
+import os
+import re
+import shutil
+import subprocess
 import sys
+
+from setuptools import setup
+
+# Commands that compile the extension, and so need torch. The others (sdist,
+# egg_info, dist_info, --version, ...) only package the sources: a source
+# distribution is built without torch and without a compiler.
+COMPILING_COMMANDS = {"build", "build_ext", "bdist_wheel", "bdist_egg", "install", "develop", "editable_wheel"}
 
 try:
     import torch
 except ImportError:
-    sys.exit(
-        "selfheal_ext: PyTorch must be installed before building "
-        "(e.g. `pip install torch`), then run `pip install --no-build-isolation -e .`"
-    )
-
-import glob  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-
-from setuptools import setup  # noqa: E402
+    torch = None
+    if COMPILING_COMMANDS.intersection(sys.argv[1:]):
+        sys.exit(
+            "selfheal_ext: PyTorch must be installed before building, and the build must see it: "
+            "`pip install torch`, then `pip install --no-build-isolation selfheal_ext` "
+            "(or `pip install --no-build-isolation .` in the source tree)"
+        )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
@@ -95,14 +102,17 @@ def decide_cuda():
     return cuda_home, found
 
 
-CUDA = decide_cuda()
+CUDA = decide_cuda() if torch is not None else None
 if CUDA is not None:
     # cpp_extension reads these when it is imported.
     os.environ["CUDA_HOME"] = CUDA[0]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
 os.environ.setdefault("MAX_JOBS", "2")
 
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+if torch is not None:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+else:  # packaging only: nothing is compiled, the classes are never used
+    BuildExtension = object
 
 
 def compiler_description():
@@ -210,7 +220,10 @@ def extension():
     )
 
 
-setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildWithConfig.with_options(use_ninja=True)},
-)
+if torch is None:
+    setup()
+else:
+    setup(
+        ext_modules=[extension()],
+        cmdclass={"build_ext": BuildWithConfig.with_options(use_ninja=True)},
+    )

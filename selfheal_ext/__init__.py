@@ -9,6 +9,8 @@ monitor ``DriftMonitor``, dormant adapters (``selfheal_ext.adapters``) and
 symbolic rules (``selfheal_ext.rules``).
 """
 
+__version__ = "0.1.0"
+
 from . import governance, ops, reference, rules
 from ._extension import build_info
 from .accuracy_estimate import AccuracyEstimator
@@ -24,4 +26,3 @@ __all__ = ["ops", "reference", "build_info", "DriftMonitor", "DriftReport", "Cal
            "SelfHealer", "HealerConfig", "HealEvent", "AdapterSet", "attach_adapters", "governance", "rules",
            "AuditLog",
            "SnapshotStore", "Policy", "BiasGuard"]
-__version__ = "0.1.0"

@@ -1,15 +1,18 @@
 """Loads the compiled ops (selfheal_ext._C) and tells what was compiled.
 
-A build made against another torch is refused here with a message that says
-how to rebuild, instead of an undefined-symbol error from the dynamic loader.
-When no build exists at all (running from a source tree that was never
-compiled), nothing is loaded and the op API falls back to the pure-PyTorch
-reference.
+Where the compiled extension cannot be used -- it was never built (a source
+tree, no compiler), it was built against another torch, or the dynamic loader
+refuses it -- nothing is loaded, the op API runs on the pure-PyTorch reference
+ops, one warning says why and how to rebuild, and ``build_info()`` reports the
+reason. A build made against another torch is never loaded (that would be an
+undefined-symbol error or a crash, not a fallback).
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
+from typing import Optional, Tuple
 
 import torch
 
@@ -24,31 +27,37 @@ OP_NAMES = (
     "js_divergence",
 )
 
-REBUILD_HINT = "rebuild it with `pip install --no-build-isolation -e .` in the selfheal_ext source tree"
+REBUILD_HINT = ("rebuild it against the installed torch: `pip install --no-build-isolation .` in the "
+                "selfheal_ext source tree (or `pip install --no-build-isolation --force-reinstall selfheal_ext`)")
 
 
-def _load():
+class ExtensionFallbackWarning(RuntimeWarning):
+    """The compiled extension could not be loaded: ops run on the pure-PyTorch reference."""
+
+
+def _load() -> Tuple[Optional[dict], Optional[str]]:
+    """(the build's configuration, None) when the compiled ops are loaded;
+    (None, why not) otherwise."""
     try:
         from ._build_config import BUILD_CONFIG
     except ImportError:
-        return None
+        return None, "the compiled extension was not built"
     built_with = BUILD_CONFIG["torch_version"]
     if built_with != torch.__version__:
-        raise ImportError(
-            f"selfheal_ext was compiled against torch {built_with}, but torch "
-            f"{torch.__version__} is installed; {REBUILD_HINT}"
-        )
+        return None, (f"the compiled extension was built against torch {built_with}, but torch "
+                      f"{torch.__version__} is installed")
     try:
         from . import _C  # noqa: F401  (registers the ops with the dispatcher)
     except ImportError as error:
-        raise ImportError(
-            f"selfheal_ext's compiled extension failed to load ({error}); {REBUILD_HINT}"
-        ) from error
-    return BUILD_CONFIG
+        return None, f"the compiled extension failed to load ({error})"
+    return BUILD_CONFIG, None
 
 
-BUILD_CONFIG = _load()
+BUILD_CONFIG, FALLBACK_REASON = _load()
 LOADED = BUILD_CONFIG is not None
+if not LOADED:
+    warnings.warn(f"selfheal_ext: {FALLBACK_REASON}; running on the pure-PyTorch reference ops (slower). "
+                  f"To use the fused kernels, {REBUILD_HINT}.", ExtensionFallbackWarning, stacklevel=2)
 
 
 def _compiled_kernels() -> frozenset:
@@ -77,7 +86,9 @@ def build_info() -> dict:
     Returns a dict with the running torch and CUDA versions, the torch the
     extension was compiled against, whether CUDA kernels were compiled, the CUDA
     arch list, the compilers, and for each op the backends that have a compiled
-    kernel.
+    kernel. Where the compiled extension is not loaded, ``extension_loaded``
+    is False, ``fallback_reason`` says why, and every op runs on the
+    pure-PyTorch reference.
 
     >>> import selfheal_ext as sh
     >>> sh.build_info()["kernels"]["softmax_entropy"]  # doctest: +SKIP
@@ -86,6 +97,7 @@ def build_info() -> dict:
     config = BUILD_CONFIG or {}
     return {
         "extension_loaded": LOADED,
+        "fallback_reason": FALLBACK_REASON,
         "torch_version": torch.__version__,
         "torch_cuda_version": torch.version.cuda,
         "built_with_torch": config.get("torch_version"),

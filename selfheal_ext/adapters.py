@@ -394,6 +394,19 @@ class AdapterSet(nn.Module):
         self.active = False
 
 
+def healing_summary(adapters: AdapterSet) -> str:
+    """One line saying what healing a model gets from its adapters: the
+    BatchNorm statistics adapters carry most of it; a model without BatchNorm
+    gets only the trained affine and bottleneck adapters."""
+    counts = {kind: sum(1 for p in adapters.placements if p.kind == kind) for kind in ADAPTER_KINDS}
+    parts = [f"{counts[kind]} {kind}" for kind in ADAPTER_KINDS]
+    text = f"adapters {', '.join(parts)} ({adapters.parameter_count} parameters)"
+    if counts.get("norm", 0):
+        return text + "; healing through BatchNorm statistics and trained adapters"
+    return text + ("; no BatchNorm layer, so no statistics healing: trained adapters only, which on "
+                   "LayerNorm and norm-free models have not been measured to recover accuracy")
+
+
 def _key(placement: Placement) -> str:
     return f"{placement.target.replace('.', '__') or 'model'}__{placement.kind}"
 

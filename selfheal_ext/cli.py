@@ -1,5 +1,6 @@
 """The ``selfheal`` command line.
 
+    selfheal --version
     selfheal demo [--quick] [--device cuda] [--out DIR] [--train]
                   [--data FILE --model pkg.module:factory [--weights FILE]]
     selfheal report AUDIT_DB [--out report.html] [--title TEXT]
@@ -193,12 +194,25 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _version_text() -> str:
+    from . import __version__
+    from ._extension import build_info
+    info = build_info()
+    if info["extension_loaded"]:
+        kernels = sorted({device for devices in info["kernels"].values() for device in devices})
+        build = f"compiled kernels: {', '.join(kernels)}"
+    else:
+        build = "compiled extension not loaded: pure-PyTorch reference ops"
+    return f"selfheal {__version__} (torch {info['torch_version']}, {build})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfheal", description="selfheal_ext command line")
+    parser.add_argument("--version", action="version", version=_version_text())
     commands = parser.add_subparsers(dest="group", required=True)
 
     demo = commands.add_parser("demo", help="a CNN serving drifting digits, healed live; writes an audit log and report")
-    demo.add_argument("--quick", action="store_true", help="three drifts, shorter segments (about 15 s)")
+    demo.add_argument("--quick", action="store_true", help="three drifts, shorter segments")
     demo.add_argument("--device", default="cpu", help="cpu or cuda")
     demo.add_argument("--out", default="selfheal_demo", help="directory for the audit log, snapshots and report")
     demo.add_argument("--train", action="store_true", help="train the demo model now instead of loading the shipped one")

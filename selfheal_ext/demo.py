@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DIGITS_FILE = DATA_DIR / "digits16.npz"
@@ -154,9 +155,10 @@ def digits_stream(test: Tuple[torch.Tensor, torch.Tensor], corruptions: Sequence
 
 
 def load_user_setup(data: str, model_spec: Optional[str], weights: Optional[str], batch_size: int,
-                    device: torch.device) -> Tuple[nn.Module, List[torch.Tensor], List[Segment], str]:
+                    device: torch.device) -> Tuple[nn.Module, List, List[Segment], str]:
     """``--data FILE`` (.pt loaded with ``weights_only=True``, or .npz) with
     ``reference`` (healthy inputs) and ``stream`` (inputs to serve), optional
+    ``reference_labels`` (they fit the accuracy estimate's temperature),
     ``stream_labels`` and ``segments`` (stream indices where segments start);
     or ``x`` [+ ``y``] split in half. ``--model pkg.module:factory`` builds the
     model; ``--weights`` (.safetensors, or a .pt state dict) fills it."""
@@ -164,7 +166,7 @@ def load_user_setup(data: str, model_spec: Optional[str], weights: Optional[str]
     if not path.is_file():
         raise DemoError(f"no data file at {data!r}")
     try:
-        wanted = ("reference", "stream", "stream_labels", "segments", "x", "y")
+        wanted = ("reference", "stream", "reference_labels", "stream_labels", "segments", "x", "y")
         if path.suffix == ".npz":
             import numpy as np
             with np.load(path, allow_pickle=False) as archive:
@@ -179,10 +181,12 @@ def load_user_setup(data: str, model_spec: Optional[str], weights: Optional[str]
         raise DemoError(f"{data!r} must hold a dict of tensors (reference, stream[, stream_labels]) or (x[, y])")
     if "reference" in tables and "stream" in tables:
         reference, stream, labels = tables["reference"], tables["stream"], tables.get("stream_labels")
+        reference_labels = tables.get("reference_labels")
     elif "x" in tables:
         half = len(tables["x"]) // 2
         reference, stream = tables["x"][:half], tables["x"][half:]
         labels = tables["y"][half:] if "y" in tables else None
+        reference_labels = tables["y"][:half] if "y" in tables else None
     else:
         raise DemoError(f"{data!r} has keys {sorted(tables)}; expected 'reference' and 'stream' (or 'x')")
     for name, tensor in (("reference", reference), ("stream", stream)):
@@ -195,6 +199,9 @@ def load_user_setup(data: str, model_spec: Optional[str], weights: Optional[str]
     if labels is not None and (labels.dim() != 1 or len(labels) != len(stream)):
         raise DemoError(f"stream_labels must be class indices [N] for a stream of {len(stream)}, "
                         f"got shape {tuple(labels.shape)}")
+    if reference_labels is not None and (reference_labels.dim() != 1 or len(reference_labels) != len(reference)):
+        raise DemoError(f"reference_labels must be class indices [N] for a reference of {len(reference)}, "
+                        f"got shape {tuple(reference_labels.shape)}")
     if model_spec is None:
         raise DemoError("--data needs --model pkg.module:factory (a callable returning the nn.Module)")
     model = _import_model(model_spec)
@@ -219,7 +226,10 @@ def load_user_setup(data: str, model_spec: Optional[str], weights: Optional[str]
         y = labels[start:stop].long().to(device) if labels is not None else None
         segments.append(Segment(f"segment {index + 1}", list(x.split(batch_size)),
                                 list(y.split(batch_size)) if y is not None else None, drifted=index > 0))
-    return model, list(reference.to(device).split(batch_size)), segments, f"{model_spec}"
+    calibration = list(reference.to(device).split(batch_size))
+    if reference_labels is not None:
+        calibration = list(zip(calibration, reference_labels.long().to(device).split(batch_size)))
+    return model, calibration, segments, f"{model_spec}"
 
 
 def _import_model(spec: str) -> nn.Module:
@@ -328,32 +338,6 @@ def run_stream(healer, source: nn.Module, segments: List[Segment], progress: Cal
     return results
 
 
-class Progress:
-    """A progress bar on stderr (plain lines when stderr is not a terminal)."""
-
-    def __init__(self, total: int, enabled: bool = True, width: int = 30):
-        self.total, self.done, self.width, self.enabled = max(total, 1), 0, width, enabled
-        self.tty = sys.stderr.isatty()
-        self.started = time.perf_counter()
-        self._last_line = -1
-
-    def __call__(self, count: int) -> None:
-        self.done += count
-        if not self.enabled:
-            return
-        fraction = self.done / self.total
-        if self.tty:
-            filled = int(self.width * fraction)
-            sys.stderr.write(f"\r  [{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total} batches "
-                             f"{time.perf_counter() - self.started:5.1f} s")
-            if self.done >= self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-        elif int(fraction * 10) != self._last_line:
-            self._last_line = int(fraction * 10)
-            sys.stderr.write(f"  {100 * fraction:3.0f}% ({self.done}/{self.total} batches)\n")
-
-
 def format_table(results: List[SegmentResult]) -> str:
     header = ["segment", "batches", "source acc", "healed acc", "est. acc", "delay", "steps", "rollbacks"]
     rows = [header]
@@ -390,6 +374,7 @@ def summarise(results: List[SegmentResult]) -> Dict[str, Optional[float]]:
     return {"drift_source_accuracy": source, "drift_healed_accuracy": healed,
             "clean_source_accuracy": clean_acc,
             "clean_healed_accuracy": mean((r.healed_accuracy, r.samples) for r in clean),
+            "clean_estimated_accuracy": mean((r.estimated_accuracy, r.samples) for r in clean),
             "restored_share": restored, "mean_detection_delay": sum(delays) / len(delays) if delays else None,
             "missed": sum(r.detection_delay is None and not r.carried for r in drifted),
             "carried": sum(r.carried for r in drifted)}
@@ -421,7 +406,8 @@ def run_demo(*, quick: bool = False, device: str = "cpu", out: str = "selfheal_d
         digits = load_digits(device)
         model, origin = load_digits_model(train)
         model = model.to(device)
-        calibration = list(digits["calibration"][0].split(batch_size))
+        # labelled: the labels fit the temperature of the label-free accuracy estimate
+        calibration = list(zip(*(part.split(batch_size) for part in digits["calibration"])))
         corruptions = list(CORRUPTIONS)[:3] if quick else list(CORRUPTIONS)
         segments = digits_stream(digits["test"], corruptions, batches=8 if quick else 16,
                                  clean_batches=4, batch_size=batch_size, seed=seed + 1)
@@ -429,10 +415,7 @@ def run_demo(*, quick: bool = False, device: str = "cpu", out: str = "selfheal_d
         title = f"digits CNN, {origin}"
     else:
         model, calibration, segments, title = load_user_setup(data, model_spec, weights, batch_size, device)
-        # the monitor's window: the default 512 samples, or a quarter of the
-        # reference when it is smaller (calibration needs four windows of it)
-        reference_rows = sum(len(b) for b in calibration)
-        monitor_options = {"window": max(16, min(512, reference_rows // 4))}
+        monitor_options = {}  # the window is chosen from the amount of reference data
     parameters = sum(p.numel() for p in model.parameters())
     print_fn(f"selfheal demo: {title}; {parameters:,} parameters; device {device}; audit log {audit_path}")
 
@@ -441,15 +424,15 @@ def run_demo(*, quick: bool = False, device: str = "cpu", out: str = "selfheal_d
     print_fn(healer.adapters.summary().splitlines()[0])
     calibration_started = time.perf_counter()
     try:
-        report_ = healer.calibrate(calibration)
+        report_ = healer.calibrate(calibration, progress=progress)
     except ValueError as error:  # too little or unusable reference data: the user's to fix
         raise DemoError(str(error).removeprefix("selfheal: ")) from None
     print_fn(f"calibrated on {report_.samples} healthy samples in {time.perf_counter() - calibration_started:.1f} s "
-             f"(window threshold {report_.window_threshold:.2f}, one false alarm per "
+             f"(window {report_.window} samples, threshold {report_.window_threshold:.2f}, one false alarm per "
              f"{int(healer.monitor.config['false_alarm_every']):,} batches)")
     total = sum(len(s.inputs) for s in segments)
-    bar = Progress(total, enabled=progress)
-    results = run_stream(healer, source, segments, bar)
+    with tqdm(total=total, desc="selfheal demo", unit="batch", disable=None if progress else True) as bar:
+        results = run_stream(healer, source, segments, bar.update)
     summary = summarise(results)
     verify = healer.audit.verify()
     healer.close()
@@ -464,6 +447,9 @@ def run_demo(*, quick: bool = False, device: str = "cpu", out: str = "selfheal_d
         if summary["clean_source_accuracy"] is not None:
             print_fn(f"clean data: source {100 * summary['clean_source_accuracy']:.1f}%, healed "
                      f"{100 * summary['clean_healed_accuracy']:.1f}%")
+    if summary["clean_estimated_accuracy"] is not None and summary["clean_healed_accuracy"] is not None:
+        print_fn(f"accuracy estimate on clean segments: {100 * summary['clean_estimated_accuracy']:.1f}% "
+                 f"(label-free), true {100 * summary['clean_healed_accuracy']:.1f}%")
     if summary["mean_detection_delay"] is not None:
         print_fn(f"detection: mean delay {summary['mean_detection_delay']:.1f} batches (1: alarm on the drift's "
                  f"first batch)" + (f", {summary['missed']} drift(s) missed" if summary["missed"] else ", no drift missed")

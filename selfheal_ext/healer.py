@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import logging
 import math
 import queue
 import threading
@@ -35,8 +36,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from .adapters import ADAPTER_KINDS, AdapterSet, attach_adapters
+from .adapters import ADAPTER_KINDS, AdapterSet, attach_adapters, healing_summary
+from .batches import calibration_batches
 from .governance import DEFAULT_AUDIT_FILE, AuditLog, BiasGuard, Policy, SnapshotError, SnapshotStore, tensor_digest
 from .monitor import DriftMonitor, DriftReport, as_logits
 from .governance import AuditError
@@ -49,6 +52,9 @@ from .heal.tensors import batch_inputs, effective_classes, finite_rows, model_de
 from .rules import RuleContext, RuleError, check_rules, total_penalty, validate_rules
 from .taps import default_taps
 
+_log = logging.getLogger(__name__)
+# events of every batch while healing: logged at DEBUG, the decisions at INFO
+_ROUTINE_EVENTS = frozenset({"drift", "step", "skip", "snapshot"})
 
 
 def _outside_inference_mode(method):
@@ -253,6 +259,7 @@ class SelfHealer:
         self.adapters: AdapterSet = attach_adapters(model, budget=config.budget, targets=adapter_targets,
                                                     kinds=adapter_kinds, max_rank=config.max_rank, seed=config.seed,
                                                     robust_horizon=config.robust_horizon, norm_prior=config.norm_prior)
+        _log.info("SelfHealer on %s: %s", type(model).__name__, healing_summary(self.adapters))
         self.monitor = self._make_monitor(monitor_options)
         self._source_state = self._adapter_state()
         self._input_taps: List[str] = []
@@ -422,22 +429,31 @@ class SelfHealer:
 
     @_outside_inference_mode
     def calibrate(self, batches: Iterable, **monitor_kwargs):
-        """Calibrates the monitor on healthy ``batches`` (inputs, or ``(x, y)``
-        pairs whose labels only fit the accuracy estimate's temperature) and
+        """Calibrates the monitor on healthy ``batches`` (a tensor of inputs, one
+        ``(x, y)`` pair of tensors, a ``DataLoader`` or another iterable of
+        batches: inputs, or ``(x, y)`` pairs whose labels only fit the accuracy
+        estimate's temperature; see ``DriftMonitor.calibrate``) and
         estimates the Fisher information of the adapter parameters from the
         model's own pseudo-labels on the same data. Returns the monitor's
         ``CalibrationReport``."""
         # (the Fisher estimate needs autograd, which inference tensors cannot enter)
-        batches = [_map_tensors(torch.Tensor.clone, b) if _has_inference_tensor(b) else b for b in batches]
-        with self._lock:
+        batches = [_map_tensors(torch.Tensor.clone, b) if _has_inference_tensor(b) else b
+                   for b in calibration_batches(batches, monitor_kwargs.get("batch_size"))]
+        progress = monitor_kwargs.pop("progress", True)
+        with self._lock, tqdm(total=4, desc="selfheal: calibrating", unit="stage", leave=False,
+                              disable=None if progress else True) as stages:
             self._stop_worker()
             self._expire_logged_proposals("calibrate")
             self._reset_runtime()
-            report = self.monitor.calibrate(batches, **monitor_kwargs)
+            report = self.monitor.calibrate(batches, progress=False, **monitor_kwargs)
+            stages.update()
             self._input_taps = [self.monitor.tap_names[0]]
             self._fit_fisher(batches)
+            stages.update()
             self.label_shift.calibrate(self._reference_class_mix(batches))
+            stages.update()
             self.batch_check.calibrate(batches, classes=self.label_shift.recent.numel())
+            stages.update()
         return report
 
     def _inputs(self, batch):
@@ -1750,6 +1766,8 @@ class SelfHealer:
             self._event("reset", state_hash=self._source_digest, reason="requested")
 
     def _event(self, kind: str, state_hash: Optional[str] = None, **detail) -> None:
+        _log.log(logging.DEBUG if kind in _ROUTINE_EVENTS else logging.INFO, "batch %d, version %d: %s %s",
+                 self.batches, self.version, kind, detail)
         self.event_count += 1
         self.events.append(HealEvent(self.batches, kind, self.version, detail, seq=self.event_count))
         if len(self.events) > self.config.event_limit:

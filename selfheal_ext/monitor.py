@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -42,13 +43,17 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from . import ops, reference
 from .accuracy_estimate import ESTIMATORS, AccuracyEstimator
+from .batches import automatic_window, calibration_batches
 from .taps import (POOLINGS, Tap, TapSpec, apply_sketch, first_tensor, pool_features, random_projection, resolve_taps,
                    sketch_plan)
 from .thresholds import binomial_upper_tail, cusum_threshold, fit_temperature, upper_quantile
 from .windows import ExponentialWindow, SlidingWindow
+
+_log = logging.getLogger(__name__)
 
 _BUDGET_WINDOW, _BUDGET_BATCH, _BUDGET_CUSUM_SIDE, _BUDGET_NONFINITE = 0.80, 0.05, 0.05, 0.05
 _ENTROPY_TAIL_QUANTILE = 0.9
@@ -131,6 +136,10 @@ class CalibrationReport:
     tail_extrapolated: bool = False
     notes: List[str] = field(default_factory=list)
     batch_threshold: float = math.inf
+    # the monitor window in samples, and whether calibration chose it from
+    # the amount of healthy data (``DriftMonitor(window=None)``, the default)
+    window: int = 0
+    window_chosen: bool = False
 
 
 _UNSET = object()
@@ -149,6 +158,9 @@ class DriftMonitor:
         bins: histogram bins per feature between the reference quantiles
             ``quantile_range`` (plus an underflow and an overflow bin).
         window: samples in the window the divergences are computed on.
+            Default (None): chosen at calibration from the amount of healthy
+            data, the largest power of two that it fills 4 times, from 32 to
+            512 samples (``CalibrationReport.window`` says which).
         window_kind: ``"sliding"`` (the last ``window`` samples, exact integer
             counts) or ``"exponential"`` (weights decaying so the effective
             sample size is ``window``).
@@ -208,7 +220,7 @@ class DriftMonitor:
         *,
         tap_count: int = 3,
         bins: int = 16,
-        window: int = 512,
+        window: Optional[int] = None,
         window_kind: str = "sliding",
         false_alarm_every: float = 10_000,
         divergence: str = "js",
@@ -233,7 +245,7 @@ class DriftMonitor:
             raise ValueError(f"selfheal: divergence must be 'js' or 'kl', got {divergence!r}")
         if bins < 2:
             raise ValueError(f"selfheal: bins must be >= 2, got {bins}")
-        if window < 16:
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 16):
             raise ValueError(f"selfheal: window must be >= 16 samples, got {window}")
         if not false_alarm_every > 1:
             raise ValueError(f"selfheal: false_alarm_every must be > 1 batch, got {false_alarm_every}")
@@ -266,8 +278,10 @@ class DriftMonitor:
                 raise ValueError(f"selfheal: pooling given for {name!r}, which is not a tap ({self.tap_names})")
         for tap in self.taps:
             tap.pooling = pooling.get(tap.name, "mean")
+        # None until calibration chooses it (window=None)
+        self._window_chosen = window is None
         self.config = {
-            "bins": int(bins), "window": int(window), "window_kind": window_kind,
+            "bins": int(bins), "window": None if window is None else int(window), "window_kind": window_kind,
             "false_alarm_every": float(false_alarm_every), "divergence": divergence,
             "max_features": int(max_features), "quantile_range": (float(low), float(high)),
             "cusum_allowance": float(cusum_allowance), "bootstrap": bootstrap, "seed": int(seed),
@@ -443,19 +457,28 @@ class DriftMonitor:
     # ------------------------------------------------------------ calibration
 
     def calibrate(self, batches: Iterable, *, labels_in_batches: Optional[bool] = None,
-                  batch_size: Optional[int] = None) -> CalibrationReport:
+                  batch_size: Optional[int] = None, progress: bool = True) -> CalibrationReport:
         """Fixes the healthy reference from ``batches`` and sets every threshold.
 
-        ``batches`` yields input tensors, or ``(x, y)`` pairs whose labels ``y``
-        are used only to fit a temperature for the accuracy estimate (never for
-        detection). Needs at least ``4 * window`` samples with finite features
-        and logits; rows with NaN/Inf are dropped and counted. ``batch_size``
-        (default: the median calibration batch) is the batch size the CUSUM
-        threshold is computed for.
+        ``batches`` is a tensor of healthy inputs ``[N, ...]`` (split into
+        batches of ``batch_size`` rows, default 64), one ``(x, y)`` pair of
+        whole tensors (split alike), or an iterable of batches (a list, a
+        ``DataLoader``) that yields input tensors or ``(x, y)`` pairs. Labels
+        ``y`` are used only to fit a temperature for the accuracy estimate
+        (never for detection). Needs at least ``4 * window`` samples with
+        finite features and logits (128 with the automatic window); rows with
+        NaN/Inf are dropped and counted. ``batch_size`` (default: the median
+        calibration batch) is the batch size the CUSUM threshold is computed
+        for. ``progress`` shows a progress bar (``tqdm``) on a terminal.
+
+        >>> report = monitor.calibrate(torch.randn(300, 8))  # doctest: +SKIP
+        >>> report.window  # doctest: +SKIP
+        64
         """
+        batches = calibration_batches(batches, batch_size)
         previous = self.state_dict() if self.calibrated else None
         try:
-            return self._calibrate(batches, labels_in_batches, batch_size)
+            return self._calibrate(batches, labels_in_batches, batch_size, progress)
         except BaseException:
             # A failed calibration leaves the monitor as it was: still
             # watching with its old reference, or not calibrated at all.
@@ -464,9 +487,11 @@ class DriftMonitor:
             else:
                 self.calibrated = False
                 self._mode = "off"
+                if self._window_chosen:
+                    self.config["window"] = None
             raise
 
-    def _calibrate(self, batches, labels_in_batches, batch_size) -> CalibrationReport:
+    def _calibrate(self, batches, labels_in_batches, batch_size, progress=True) -> CalibrationReport:
         config = self.config
         generator = torch.Generator().manual_seed(config["seed"] + 7919)
         self.calibrated = False
@@ -480,7 +505,8 @@ class DriftMonitor:
         self.temperature = 1.0
         try:
             with torch.no_grad():
-                for batch in batches:
+                for batch in tqdm(batches, desc="selfheal: calibrating", unit="batch", leave=False,
+                                  disable=None if progress else True):
                     x, y = _split_batch(batch, labels_in_batches)
                     self._rows_seen = {}
                     output = self.model(x)
@@ -518,19 +544,22 @@ class DriftMonitor:
 
     def _fit_reference(self, features, logits, labels_list, sizes, batch_size, generator) -> CalibrationReport:
         config = self.config
-        window = config["window"]
         notes: List[str] = []
         names = self.tap_names
         table = torch.cat([features[name] for name in names], dim=1)
         finite_rows = torch.isfinite(table).all(dim=1) & torch.isfinite(logits).all(dim=1)
         dropped = int((~finite_rows).sum())
-        needed = 4 * window
         kept = int(finite_rows.sum())
+        if self._window_chosen:
+            config["window"] = automatic_window(kept)
+            notes.append(f"window of {config['window']} samples chosen from {kept} healthy samples")
+        window = config["window"]
+        needed = 4 * window
         if kept < needed:
             raise ValueError(
                 f"selfheal: calibrate needs at least {needed} healthy samples with finite features and "
                 f"logits (4 x window={window}); got {kept}" + (f" ({dropped} dropped for NaN/Inf)" if dropped else "")
-                + ". Pass more batches, or a smaller window.")
+                + ". Pass more batches, a smaller window, or no window (chosen from the data).")
         table, logits = table[finite_rows], logits[finite_rows]
         self.temperature, reference_accuracy, correct = 1.0, None, None
         if labels_list:
@@ -607,7 +636,12 @@ class DriftMonitor:
             bootstrap_windows=self._bootstrap_windows,
             reference_entropy=self.reference_entropy, reference_confidence=self.reference_confidence,
             temperature=self.temperature, reference_accuracy=reference_accuracy,
-            tail_extrapolated=self._tail_extrapolated, notes=notes)
+            tail_extrapolated=self._tail_extrapolated, notes=notes,
+            window=window, window_chosen=self._window_chosen)
+        _log.info("monitor calibrated on %d healthy samples: window %d (%s), window threshold %.3g, "
+                  "CUSUM threshold %.3g for batches of %d", kept, window,
+                  "chosen from the data" if self._window_chosen else "set", self.window_threshold,
+                  self.cusum_threshold, batch)
         return self.calibration
 
     def _signal_names(self) -> List[str]:
@@ -1051,8 +1085,11 @@ class DriftMonitor:
         config.setdefault("pooling", {})  # states saved before per-tap pooling existed
         for key, value in self._DEFAULTS_LEFT_OUT.items():
             config.setdefault(key, value)
-        if config != self.config:
-            differ = sorted(k for k in set(config) | set(self.config) if config.get(k) != self.config.get(k))
+        expected = dict(self.config)
+        if self._window_chosen:  # the window a calibration chose, whatever it was
+            expected["window"] = config["window"]
+        if config != expected:
+            differ = sorted(k for k in set(config) | set(expected) if config.get(k) != expected.get(k))
             raise ValueError(f"selfheal: state was saved with a different configuration ({', '.join(differ)})")
         features = int(state["reference_counts"].shape[0])
         bins = self.config["bins"] + 2
@@ -1078,6 +1115,7 @@ class DriftMonitor:
             batch_threshold = float(batch_threshold)
             if not batch_threshold > 0:  # (NaN included)
                 raise ValueError(f"selfheal: state has a corrupt 'batch_threshold' ({batch_threshold})")
+        self.config["window"] = config["window"]
         self.device = next(iter(_devices_of(self.model)), torch.device("cpu"))
         self._projections = {n: (p.clone() if p is not None else None) for n, p in state["projections"].items()}
         self._sketch_plans = {}

@@ -49,6 +49,10 @@ def test_demo_runs_end_to_end_and_prints_its_own_numbers(demo):
     assert summary["drift_healed_accuracy"] > summary["drift_source_accuracy"] + 0.1
     assert summary["clean_healed_accuracy"] >= summary["clean_source_accuracy"] - 0.02
     assert summary["missed"] == 0
+    # calibrated with its labels, the label-free estimate reads the clean segments' accuracy
+    assert abs(summary["clean_estimated_accuracy"] - summary["clean_healed_accuracy"]) <= 0.03, summary
+    assert (f"accuracy estimate on clean segments: {100 * summary['clean_estimated_accuracy']:.1f}% (label-free), "
+            f"true {100 * summary['clean_healed_accuracy']:.1f}%") in text
     for segment in result["segments"]:
         if segment["drifted"]:  # an alarm rose in the segment, or the one before was still on
             assert segment["detection_delay"] is not None or segment["carried"]
