@@ -27,7 +27,8 @@ clean data served after the continual stream (forgetting), and time per batch.
 The drift streams, corruptions and their strengths were not used while the
 healer was developed (its tests use a separate synthetic task).
 
-    python bench/bench_heal.py              # full run (about 15 min on 2 cores)
+    python bench/bench_heal.py              # full run, every task (each prints its time)
+    python bench/bench_heal.py --tasks signals --seed 100
     python bench/bench_heal.py --quick      # smoke run for CI
 """
 

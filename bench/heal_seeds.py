@@ -135,7 +135,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=parse_seeds, default=None, help="e.g. 5-9 or 0,2,4 (default: all in DIR)")
     parser.add_argument("--dir", required=True, help="where each seed's JSON (and log) goes")
-    parser.add_argument("--tasks", default="digits,tabular")
+    parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--no-run", action="store_true", help="only summarise the results already in DIR")
     parser.add_argument("--quick", action="store_true", help="bench_heal.py --quick for each seed (a smoke run)")
     args = parser.parse_args()
