@@ -25,8 +25,11 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BASELINES = ["BN re-estimation", "TENT", "EATA"]
-METHODS = ["source"] + BASELINES + ["SelfHealer"]
+sys.path.insert(0, HERE)
+
+from bench_heal import METHODS, TASKS  # noqa: E402
+
+BASELINES = [m for m in METHODS if m not in ("source", "SelfHealer")]
 
 
 def parse_seeds(text):
@@ -89,42 +92,56 @@ def table(found, task):
     if not per_seed:
         return None
     seeds = sorted({seed for rows in per_seed.values() for seed, _ in rows})
+    protocols = list(per_seed)
     lines = [f"### {task}: seeds {', '.join(map(str, seeds))} (clean accuracy {100 * statistics.mean(clean):.1f} %)",
-             "", "| protocol | " + " | ".join(METHODS) +
-             " | SelfHealer − best baseline: mean (range) | leads on | SelfHealer − source: worst seed |",
-             "|---|" + "---|" * (len(METHODS) + 3)]
-    for protocol, rows in per_seed.items():
+             "", "| method | " + " | ".join(protocols) + " |", "|---|" + "---|" * len(protocols)]
+    for method in METHODS:
         cells = []
-        for method in METHODS:
-            values = [means[method] for _, means in rows]
-            cells.append("fails" if any(v is None for v in values) else f"{100 * statistics.mean(values):.1f} %")
-        margins, floors = [], []
-        for _, means in rows:
-            ran = [means[b] for b in BASELINES if means[b] is not None]
-            if means["SelfHealer"] is None:
+        for protocol in protocols:
+            if any(method not in means for _, means in per_seed[protocol]):
+                cells.append("not run")  # a result from before the method joined the benchmark
                 continue
-            if ran:
-                margins.append(means["SelfHealer"] - max(ran))
-            floors.append(means["SelfHealer"] - means["source"])
-        lead = (f"{100 * statistics.mean(margins):+.1f} ({100 * min(margins):+.1f} to {100 * max(margins):+.1f})"
-                if margins else "no baseline runs")
-        leads = f"{sum(m > 0 for m in margins)} of {len(margins)}" if margins else "—"
-        floor = f"{100 * min(floors):+.1f}" if floors else "—"
-        lines.append(f"| {protocol} | " + " | ".join(cells) + f" | {lead} | {leads} | {floor} |")
+            values = [means[method] for _, means in per_seed[protocol]]
+            cells.append("fails" if any(v is None for v in values) else f"{100 * statistics.mean(values):.1f} %")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "| protocol | SelfHealer − best baseline: mean (range) | best baseline | leads on "
+              "| SelfHealer − source: worst seed |", "|---|---|---|---|---|"]
+    for protocol, rows in per_seed.items():
+        lines.append(f"| {protocol} | " + " | ".join(_margins(rows)) + " |")
     return "\n".join(lines)
+
+
+def _margins(rows):
+    """SelfHealer against the best baseline of each seed, and against the source."""
+    margins, floors, best = [], [], []
+    for _, means in rows:
+        ran = {b: means[b] for b in BASELINES if means.get(b) is not None}
+        if means["SelfHealer"] is None:
+            continue
+        if ran:
+            leader = max(ran, key=ran.get)
+            margins.append(means["SelfHealer"] - ran[leader])
+            best.append(leader)
+        floors.append(means["SelfHealer"] - means["source"])
+    lead = (f"{100 * statistics.mean(margins):+.1f} ({100 * min(margins):+.1f} to {100 * max(margins):+.1f})"
+            if margins else "no baseline runs")
+    leaders = ", ".join(sorted(set(best), key=best.index)) if best else "—"
+    leads = f"{sum(m > 0 for m in margins)} of {len(margins)}" if margins else "—"
+    floor = f"{100 * min(floors):+.1f}" if floors else "—"
+    return [lead, leaders, leads, floor]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=parse_seeds, default=None, help="e.g. 5-9 or 0,2,4 (default: all in DIR)")
     parser.add_argument("--dir", required=True, help="where each seed's JSON (and log) goes")
-    parser.add_argument("--tasks", default="digits,tabular")
+    parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--no-run", action="store_true", help="only summarise the results already in DIR")
     parser.add_argument("--quick", action="store_true", help="bench_heal.py --quick for each seed (a smoke run)")
     args = parser.parse_args()
-    unknown = sorted(set(args.tasks.split(",")) - {"digits", "tabular"})
+    unknown = sorted(set(args.tasks.split(",")) - set(TASKS))
     if unknown:
-        parser.error(f"unknown task(s) {unknown}: choose from digits, tabular")
+        parser.error(f"unknown task(s) {unknown}: choose from {', '.join(TASKS)}")
     os.makedirs(args.dir, exist_ok=True)
     if args.seeds is not None and not args.no_run:
         for seed in args.seeds:
