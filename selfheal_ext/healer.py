@@ -39,6 +39,7 @@ from torch import nn
 
 from . import ops
 from .adapters import ADAPTER_KINDS, AdapterSet, attach_adapters
+from .deferred import DeferredWorker
 from .governance import DEFAULT_AUDIT_FILE, AuditLog, BiasGuard, Policy, SnapshotError, SnapshotStore, tensor_digest
 from .monitor import DriftMonitor, DriftReport, as_logits
 from .governance import AuditError
@@ -368,6 +369,7 @@ class SelfHealer:
         self._worker_error: Optional[str] = None
         self._lock = threading.RLock()
         self._worker: Optional[threading.Thread] = None
+        self._deferred: Optional[DeferredWorker] = None  # owns the worker thread and its stop flag
         self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, int(replay_size)))
         self._shadow = None
         self._reference_probs: Optional[torch.Tensor] = None
@@ -2121,28 +2123,28 @@ class SelfHealer:
         if self._worker is not None:
             return
         model, shadow, optimizer = self._detached_copy(self.adapters.state_dict())
-        self._stop = threading.Event()
         self._shadow = (model, shadow, optimizer)
+        # The thread holds this healer only weakly (selfheal_ext/deferred.py):
+        # a dropped healer is collected and its worker stops; exit joins it.
+        self._deferred = DeferredWorker(self, self._queue, SelfHealer._deferred_step)
+        self._stop = self._deferred.stop
+        self._worker = self._deferred.thread
+        self._deferred.start()
 
-        def run():
-            while not self._stop.is_set():
-                try:
-                    x = self._queue.get(timeout=0.05)
-                except queue.Empty:
-                    continue
-                try:
-                    detail = self._step(x, adapters=shadow, model=model, optimizer=optimizer, record=False)
-                    if detail is not None:
-                        self._publish(shadow, detail)
-                except Exception as error:  # noqa: BLE001 - reported; serving goes on, dormant worker
-                    self._worker_error = f"{type(error).__name__}: {error}"
-                    self._event("worker_error", error=self._worker_error)
-                    return
-                finally:
-                    self._queue.task_done()
-
-        self._worker = threading.Thread(target=run, name="selfheal-deferred", daemon=True)
-        self._worker.start()
+    def _deferred_step(self, x: torch.Tensor) -> bool:
+        """One step of the deferred worker on its own copy; False stops it."""
+        if self._shadow is None:
+            return False
+        model, shadow, optimizer = self._shadow
+        try:
+            detail = self._step(x, adapters=shadow, model=model, optimizer=optimizer, record=False)
+            if detail is not None:
+                self._publish(shadow, detail)
+        except Exception as error:  # noqa: BLE001 - reported; serving goes on, dormant worker
+            self._worker_error = f"{type(error).__name__}: {error}"
+            self._event("worker_error", error=self._worker_error)
+            return False
+        return True
 
     def _detached_copy(self, state: Dict[str, torch.Tensor]):
         """A copy of the model with its own active adapters loaded with
@@ -2190,13 +2192,11 @@ class SelfHealer:
                 return
 
     def _stop_worker(self) -> None:
-        worker = self._worker
-        if worker is None:
+        if self._worker is None:
             return
-        self._stop.set()
-        if worker is not threading.current_thread():
-            worker.join()
+        self._deferred.halt()  # (no join when called from the worker itself)
         self._worker = None
+        self._deferred = None
         self._shadow = None
         while not self._queue.empty():
             self._queue.get_nowait()
@@ -2210,9 +2210,19 @@ class SelfHealer:
             time.sleep(0.01)
 
     def close(self) -> None:
-        """Stops the deferred worker (if any)."""
+        """Stops and joins the deferred worker (if any); idempotent. The
+        healer still serves; a later drift episode starts a new worker.
+        A healer that is dropped, or still running at interpreter exit, is
+        stopped as well (selfheal_ext/deferred.py)."""
         with self._lock:
             self._stop_worker()
+
+    def __enter__(self) -> "SelfHealer":
+        return self
+
+    def __exit__(self, *exc_info) -> bool:
+        self.close()
+        return False
 
     # ------------------------------------------------- versions and state
 
