@@ -25,6 +25,7 @@ import contextlib
 import copy
 import functools
 import math
+import numbers
 import os
 import queue
 import threading
@@ -2282,6 +2283,9 @@ class SelfHealer:
         audited version held in the snapshot store. Returns the version now
         served. In approval mode the restored version counts as approved
         (the rollback is the operator's decision)."""
+        if isinstance(version, bool) or not isinstance(version, (str, numbers.Integral)):
+            raise TypeError(f"selfheal: argument 'version' must be a version number (int) or a state hash "
+                            f"(str), got {version!r} ({type(version).__name__})")
         with self._lock:
             if isinstance(version, str):
                 version = self._version_of_digest(version)
@@ -2306,16 +2310,17 @@ class SelfHealer:
             raise KeyError(f"selfheal: no adapter version with state hash {digest[:16]}… in memory and no "
                            "snapshot store to load it from")
         tensors, _ = self.snapshots.load(digest)
-        expected = set(self.adapters.state_dict())
-        if set(tensors) != expected:
-            raise SnapshotError(f"selfheal: snapshot {digest[:16]}… holds other adapters than this model's "
-                                f"(missing {sorted(expected - set(tensors))}, unexpected {sorted(set(tensors) - expected)})")
+        try:  # names, shapes, dtypes, finite: before the state is registered as a version
+            self.adapters.check_state(tensors, f"snapshot {digest[:16]}…")
+        except ValueError as error:
+            raise SnapshotError(str(error)) from None
         device = self._device()
         return self._snapshot(state={k: v.to(device) for k, v in tensors.items()}, event=False)
 
     def _restore(self, version: int, reason: str, keep_active: bool = False) -> None:
         if version not in self.versions:
             raise KeyError(f"selfheal: no adapter version {version}; known: {sorted(self.versions)}")
+        self.adapters.check_state(self.versions[version], f"version {version}")  # before anything changes
         self._stop_worker()
         self.adapters.load_state_dict(self.versions[version])
         self.version = version
@@ -2405,6 +2410,51 @@ class SelfHealer:
 
     @_outside_inference_mode
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Loads a ``state_dict()``; all or nothing. Every tensor (adapters,
+        versions, approval stage, Fisher, optimizer, class mixes, monitor) is
+        checked for name, shape, dtype and finiteness before anything is
+        written; a failure while writing restores the healer as it was."""
+        with self._lock:
+            self._check_state(state)
+            backup = self.state_dict() if self.monitor.calibrated else None
+            try:
+                self._load_state(state)
+            except BaseException:
+                if backup is not None:
+                    self._load_state(backup)
+                raise
+
+    def _check_state(self, state: Dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"selfheal: argument 'state' must be a SelfHealer state_dict(), got {type(state).__name__}")
+        self.adapters.check_state(state["adapters"], "state's adapters")
+        for number, tensors in state["versions"].items():
+            self.adapters.check_state(tensors, f"state's version {number}")
+        stage = (state.get("governance") or {}).get("stage")
+        if stage is not None:
+            self.adapters.check_state(stage["adapters"], "state's approval stage")
+        parameters = dict(self.adapters.named_parameters())
+        averages = state.get("guard_averages") or {}
+        optimizer = (state.get("optimizer") or {}).get("state", {})
+        named = [(f"fisher {name!r}", t, parameters[name].shape if name in parameters else None)
+                 for name, t in state["fisher"].items()]
+        named += [(key, state.get(key), None) for key in ("mean_probs", "reference_probs", "long_probs")]
+        named += [(f"guard average {key!r}", averages.get(key), None) for key in ("adapted", "source")]
+        named += [(f"optimizer state {key!r}", t, None) for key, value in optimizer.items()
+                  for t in (value.values() if isinstance(value, dict) else [])]
+        for what, tensor, shape in named:
+            if tensor is None or not isinstance(tensor, torch.Tensor):
+                continue
+            if what.startswith("fisher") and tensor.shape != shape:
+                raise ValueError(f"selfheal: the state's {what} must have the shape of this model's adapter "
+                                 f"parameter {tuple(shape) if shape is not None else '(none by that name)'}, "
+                                 f"got {tuple(tensor.shape)}")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"selfheal: the state's {what} holds NaN or Inf")
+        self.monitor.check_state(state["monitor"])
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
+        """load_state_dict's writing part (after _check_state)."""
         with self._lock:
             self._stop_worker()
             expected = set(self.adapters.state_dict())
@@ -2457,7 +2507,7 @@ class SelfHealer:
             if diversity is not None and diversity.get("measure") != "information":
                 warnings.warn("selfheal: this state's batch-statistics check levels come from an older version "
                               "(entropy, not information); the check is off until calibrate() runs again",
-                              RuntimeWarning, stacklevel=3)  # (the decorator's wrapper)
+                              RuntimeWarning, stacklevel=4)  # (load_state_dict and the decorator's wrapper)
                 diversity = None
             self._diversity = None if diversity is None else \
                 {k: (v if k == "measure" or v is None else float(v)) for k, v in diversity.items()}
