@@ -141,3 +141,20 @@ def test_another_applications_sqlite_file_is_refused_untouched(tmp_path):
     tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")]
     connection.close()
     assert tables == ["users"] and path.read_bytes() == before
+
+
+def test_a_healer_refuses_another_applications_sqlite_file(tmp_path):
+    import torch
+    from selfheal_ext import SelfHealer
+    path = tmp_path / "app.db"
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+    connection.commit()
+    connection.close()
+    with pytest.raises(AuditError, match="not a selfheal audit database"):
+        model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(),
+                                    torch.nn.Linear(64, 5)).eval()
+        SelfHealer(model, audit=path)
+    connection = sqlite3.connect(path)
+    assert [r[0] for r in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")] == ["users"]
+    connection.close()
