@@ -1,5 +1,6 @@
 #include "selfheal/checks.h"
 
+#include <limits>
 #include <sstream>
 #include <string>
 
@@ -286,6 +287,13 @@ void check_divergence(const at::Tensor& p_counts, const at::Tensor& q_counts,
                      pseudo_count_may_be_zero ? "finite and >= 0"
                                               : "finite and > 0 (KL is infinite "
                                                 "without smoothing)",
+                     pseudo_count);
+  // Every row's smoothed total includes pseudo_count * bins: it must be a
+  // finite float64, or the normalised distributions would be 0 / NaN.
+  SELFHEAL_CHECK_ARG(pseudo_count * static_cast<double>(p_counts.size(1)) <
+                         std::numeric_limits<double>::infinity(),
+                     "pseudo_count",
+                     "small enough that pseudo_count * bins is a finite float64",
                      pseudo_count);
 }
 

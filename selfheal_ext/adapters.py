@@ -337,6 +337,36 @@ class AdapterSet(nn.Module):
 
     # ------------------------------------------------------------------ queries
 
+    def check_state(self, state, what: str = "state") -> None:
+        """Raises ``ValueError`` unless ``state`` holds exactly this set's
+        tensors, each with its shape and dtype, all finite. ``load_state_dict``
+        calls it before writing anything, so a refused state changes nothing
+        (``nn.Module.load_state_dict`` copies the tensors that fit before it
+        reports the ones that do not, and converts dtypes silently)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"selfheal: the {what} must be a dict of tensors, got {type(state).__name__}")
+        own = self.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"selfheal: the {what}: adapters do not match this model's "
+                             f"(missing {missing}, unexpected {unexpected})")
+        for name, mine in own.items():
+            theirs = state[name]
+            if not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+                got = (f"{theirs.dtype} {tuple(theirs.shape)}" if isinstance(theirs, torch.Tensor)
+                       else type(theirs).__name__)
+                raise ValueError(f"selfheal: the {what}'s tensor {name!r} must be {mine.dtype} "
+                                 f"{tuple(mine.shape)} (this model's), got {got}")
+            if theirs.is_floating_point() and not bool(torch.isfinite(theirs).all()):
+                raise ValueError(f"selfheal: the {what}'s tensor {name!r} holds NaN or Inf")
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` after ``check_state`` (strict loads):
+        all or nothing."""
+        if strict:
+            self.check_state(state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     @property
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

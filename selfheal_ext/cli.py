@@ -3,17 +3,18 @@
     selfheal --version
     selfheal demo [--quick] [--device cuda] [--out DIR] [--train]
                   [--data FILE --model pkg.module:factory [--weights FILE]]
-    selfheal report AUDIT_DB [--out report.html] [--title TEXT]
+    selfheal report AUDIT_DB [--out report.html] [--title TEXT] [--force]
     selfheal audit verify  DB [--expect-head HASH]
     selfheal audit show    DB [--kind KIND ...] [--since T] [--until T] [--version V] [--limit N] [--json]
-    selfheal audit export  DB OUT.jsonl [filters as for show]
+    selfheal audit export  DB OUT.jsonl [filters as for show] [--force]
     selfheal audit proposals DB
     selfheal audit approve DB PROPOSAL [--by NAME] [--note TEXT]
     selfheal audit reject  DB PROPOSAL [--by NAME] [--note TEXT]
 
 Exit status: 0 success, 1 a check failed or a decision was refused (a broken
 chain, an unknown or already decided proposal), 2 bad input (missing or
-corrupt file, bad arguments).
+corrupt file, bad arguments, an output path that is the log itself or one of
+its files, an existing output file without ``--force``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,47 @@ def _time(value: str) -> float:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=_dt.timezone.utc)
     return parsed.timestamp()
+
+
+# SQLite's companion files of a database (write-ahead log, shared memory, rollback journal).
+_DB_COMPANIONS = ("-wal", "-shm", "-journal")
+# Audit record fields are SQLite INTEGERs: signed 64-bit.
+_INT64_MAX = 2 ** 63 - 1
+
+
+def _record_number(value: str) -> int:
+    """An argparse type: an integer a record field can hold (0 .. 2**63 - 1)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if not 0 <= number <= _INT64_MAX:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {_INT64_MAX}, got {value}")
+    return number
+
+
+def _check_output(out: str, db: str, force: bool) -> None:
+    """Refuses an output path that is the audit log, one of its SQLite files
+    or inside its snapshot store, and an existing file unless ``force``."""
+    target = Path(out).resolve()
+    log = Path(db).resolve()
+    protected = {log} | {log.with_name(log.name + suffix) for suffix in _DB_COMPANIONS}
+    snapshots = log.with_name(log.name + ".snapshots")
+    if target in protected or target == snapshots or snapshots in target.parents:
+        raise CommandError(f"refusing to write {out!r}: it is the audit log {db!r} or one of its files", 2)
+    if target.is_dir():
+        raise CommandError(f"cannot write {out!r}: it is a directory", 2)
+    if target.exists() and not force:
+        raise CommandError(f"{out!r} exists; pass --force to overwrite it", 2)
+
+
+def _number(value, spec: str = ".3f") -> str:
+    """A number from a record, formatted; anything else (NaN is stored as the
+    string "nan", a tampered record may hold anything) as it is."""
+    try:
+        return format(float(value), spec)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def _open(path: str, readonly: bool = True) -> AuditLog:
@@ -109,6 +151,7 @@ def _cmd_show(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    _check_output(args.out, args.db, args.force)
     log = _open(args.db)
     try:
         count = log.export_jsonl(args.out, **_filters(args))
@@ -130,18 +173,24 @@ def _cmd_proposals(args) -> int:
     for p in found:
         when = AuditRecord(0, p["time"], "", None, None, None, {}, "", "").iso_time[:19].replace("T", " ")
         print(f"{p['id']}  {p['status']:<22} version {p['proposed_version']}  {when} UTC")
-        evidence = p["evidence"]
+        evidence = p["evidence"] if isinstance(p["evidence"], dict) else {}
         for name in ("source", "approved", "proposed"):
             if name in evidence:
-                e = evidence[name]
-                print(f"    {name:<9} est. accuracy {e['accuracy_estimate']:.3f}  entropy {e['entropy']:.3f}  "
-                      f"classes {e['effective_classes']:.2f}  agreement with source {e['agreement_with_source']:.3f}")
-        for rule in evidence.get("rules", []):
-            print(f"    rule {rule['rule']!r}: {'ok' if rule['ok'] else 'VIOLATED'} (violation {rule['violation']:.4g})")
+                e = evidence[name] if isinstance(evidence[name], dict) else {}
+                print(f"    {name:<9} est. accuracy {_number(e.get('accuracy_estimate'))}  "
+                      f"entropy {_number(e.get('entropy'))}  classes {_number(e.get('effective_classes'), '.2f')}  "
+                      f"agreement with source {_number(e.get('agreement_with_source'))}")
+        for rule in evidence.get("rules", []) if isinstance(evidence, dict) else []:
+            rule = rule if isinstance(rule, dict) else {}
+            print(f"    rule {rule.get('rule')!r}: {'ok' if rule.get('ok') else 'VIOLATED'} "
+                  f"(violation {_number(rule.get('violation'), '.4g')})")
     return 0
 
 
 def _cmd_decide(args) -> int:
+    if not args.proposal.strip():
+        raise CommandError("the proposal id is empty: give the id (or a unique prefix) that "
+                           "'selfheal audit proposals' shows", 2)
     log = _open(args.db, readonly=False)
     try:
         proposals = log.proposals()
@@ -168,12 +217,17 @@ def _cmd_demo(args) -> int:
         raise CommandError("--batch-size must be >= 1", 2)
     if (args.model or args.weights) and not args.data:
         raise CommandError("--model and --weights go with --data", 2)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CommandError(f"--out {args.out!r} is a file; the demo writes a directory (its audit log, "
+                           "snapshots and report)", 2)
     try:
         run_demo(quick=args.quick, device=args.device, out=args.out, train=args.train, data=args.data,
                  model_spec=args.model, weights=args.weights, batch_size=args.batch_size, seed=args.seed,
                  report=not args.no_report, progress=not args.no_progress)
     except DemoError as error:
         raise CommandError(str(error), 2) from None
+    except OSError as error:
+        raise CommandError(f"cannot write the demo's files in {args.out!r}: {error}", 2) from None
     return 0
 
 
@@ -184,6 +238,7 @@ def _cmd_report(args) -> int:
     except ImportError as error:
         raise CommandError(f"the report needs matplotlib ({error}); pip install matplotlib", 2) from None
     out = args.out or str(Path(args.db).with_suffix(".html"))
+    _check_output(out, args.db, args.force)
     try:
         path = write_report(args.db, out, title=args.title)
     except OSError as error:
@@ -229,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("db")
     report.add_argument("--out", help="HTML file (default: the log's name with .html)")
     report.add_argument("--title")
+    report.add_argument("--force", action="store_true", help="overwrite an existing output file")
     report.set_defaults(run=_cmd_report)
 
     audit = commands.add_parser("audit", help="read, verify and act on an audit log")
@@ -243,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--kind", action="append", help="record kind (repeatable): drift, step, guard, ...")
         p.add_argument("--since", type=_time, help="ISO 8601 time or epoch seconds")
         p.add_argument("--until", type=_time, help="ISO 8601 time or epoch seconds")
-        p.add_argument("--version", type=int, help="adapter version")
-        p.add_argument("--limit", type=int)
+        p.add_argument("--version", type=_record_number, help="adapter version")
+        p.add_argument("--limit", type=_record_number)
 
     show = sub.add_parser("show", help="records as a table (or JSON lines)")
     show.add_argument("db")
@@ -256,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("db")
     export.add_argument("out")
     add_filters(export)
+    export.add_argument("--force", action="store_true", help="overwrite an existing output file")
     export.set_defaults(run=_cmd_export)
 
     proposals = sub.add_parser("proposals", help="proposals and their evidence (approval mode)")

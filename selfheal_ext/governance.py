@@ -32,6 +32,8 @@ import torch
 
 GENESIS = "0" * 64
 _SCHEMA_VERSION = "1"
+# The records table's columns, in order (what _create makes and verify() expects).
+_RECORD_COLUMNS = ("seq", "time", "kind", "version", "batch", "state_hash", "payload", "prev_hash", "hash")
 DEFAULT_AUDIT_FILE = "selfheal_audit.db"
 
 # ------------------------------------------------------------------ helpers
@@ -191,8 +193,11 @@ class AuditLog:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30.0,
                                            isolation_level=None)
-                if not create:
-                    self._check_schema()  # before changing anything in the file
+                # before changing anything in the file: an existing database
+                # must already be a selfheal log (another application's
+                # SQLite file gets no tables added)
+                if not create or self._db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchone():
+                    self._check_schema()
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
                 self._create()
@@ -304,7 +309,7 @@ class AuditLog:
         if after_seq is not None:
             clauses.append("seq > ?")
             args.append(int(after_seq))
-        sql = "SELECT * FROM records"
+        sql = f"SELECT {', '.join(_RECORD_COLUMNS)} FROM records"
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
         sql += " ORDER BY seq " + ("DESC" if newest_first else "ASC")
@@ -326,10 +331,16 @@ class AuditLog:
         """Recomputes the hash chain from the first record. Names the first
         record whose content, link or sequence number is wrong. A removed
         *last* record cannot show in the chain itself: pass the head hash
-        kept elsewhere (``expect_head``) to check that too."""
+        kept elsewhere (``expect_head``) to check that too. A records table
+        whose columns were changed is reported as tampered."""
         prev, expected_seq, count = GENESIS, 1, 0
         try:
-            rows = self._rows("SELECT * FROM records ORDER BY seq ASC")
+            columns = tuple(row[1] for row in self._rows("PRAGMA table_info(records)"))
+            if columns != _RECORD_COLUMNS:
+                return VerifyResult(False, 0, GENESIS, None,
+                                    f"the records table was altered: columns {list(columns)}, "
+                                    f"expected {list(_RECORD_COLUMNS)}")
+            rows = self._rows(f"SELECT {', '.join(_RECORD_COLUMNS)} FROM records ORDER BY seq ASC")
         except AuditError as error:
             return VerifyResult(False, 0, GENESIS, None, str(error))
         for row in rows:

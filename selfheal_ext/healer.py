@@ -26,6 +26,7 @@ import copy
 import functools
 import logging
 import math
+import numbers
 import queue
 import threading
 import time
@@ -40,6 +41,7 @@ from tqdm import tqdm
 
 from .adapters import ADAPTER_KINDS, AdapterSet, attach_adapters, healing_summary
 from .batches import calibration_batches
+from .deferred import DeferredWorker
 from .governance import DEFAULT_AUDIT_FILE, AuditLog, BiasGuard, Policy, SnapshotError, SnapshotStore, tensor_digest
 from .monitor import DriftMonitor, DriftReport, as_logits
 from .governance import AuditError
@@ -273,6 +275,7 @@ class SelfHealer:
         self._worker_error: Optional[str] = None
         self._lock = threading.RLock()
         self._worker: Optional[threading.Thread] = None
+        self._deferred: Optional[DeferredWorker] = None  # owns the worker thread and its stop flag
         self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, int(config.replay_size)))
         self._shadow = None
         self.label_shift = LabelShiftTracker(config.label_shift)
@@ -1558,28 +1561,28 @@ class SelfHealer:
         if self._worker is not None:
             return
         model, shadow, optimizer = self._detached_copy(self.adapters.state_dict())
-        self._stop = threading.Event()
         self._shadow = (model, shadow, optimizer)
+        # The thread holds this healer only weakly (selfheal_ext/deferred.py):
+        # a dropped healer is collected and its worker stops; exit joins it.
+        self._deferred = DeferredWorker(self, self._queue, SelfHealer._deferred_step)
+        self._stop = self._deferred.stop
+        self._worker = self._deferred.thread
+        self._deferred.start()
 
-        def run():
-            while not self._stop.is_set():
-                try:
-                    x = self._queue.get(timeout=0.05)
-                except queue.Empty:
-                    continue
-                try:
-                    detail = self._step(x, adapters=shadow, model=model, optimizer=optimizer, record=False)
-                    if detail is not None:
-                        self._publish(shadow, detail)
-                except Exception as error:  # noqa: BLE001 - reported; serving goes on, dormant worker
-                    self._worker_error = f"{type(error).__name__}: {error}"
-                    self._event("worker_error", error=self._worker_error)
-                    return
-                finally:
-                    self._queue.task_done()
-
-        self._worker = threading.Thread(target=run, name="selfheal-deferred", daemon=True)
-        self._worker.start()
+    def _deferred_step(self, x: torch.Tensor) -> bool:
+        """One step of the deferred worker on its own copy; False stops it."""
+        if self._shadow is None:
+            return False
+        model, shadow, optimizer = self._shadow
+        try:
+            detail = self._step(x, adapters=shadow, model=model, optimizer=optimizer, record=False)
+            if detail is not None:
+                self._publish(shadow, detail)
+        except Exception as error:  # noqa: BLE001 - reported; serving goes on, dormant worker
+            self._worker_error = f"{type(error).__name__}: {error}"
+            self._event("worker_error", error=self._worker_error)
+            return False
+        return True
 
     def _detached_copy(self, state: Dict[str, torch.Tensor]):
         """A copy of the model with its own active adapters loaded with
@@ -1627,13 +1630,11 @@ class SelfHealer:
                 return
 
     def _stop_worker(self) -> None:
-        worker = self._worker
-        if worker is None:
+        if self._worker is None:
             return
-        self._stop.set()
-        if worker is not threading.current_thread():
-            worker.join()
+        self._deferred.halt()  # (no join when called from the worker itself)
         self._worker = None
+        self._deferred = None
         self._shadow = None
         while not self._queue.empty():
             self._queue.get_nowait()
@@ -1647,9 +1648,19 @@ class SelfHealer:
             time.sleep(0.01)
 
     def close(self) -> None:
-        """Stops the deferred worker (if any)."""
+        """Stops and joins the deferred worker (if any); idempotent. The
+        healer still serves; a later drift episode starts a new worker.
+        A healer that is dropped, or still running at interpreter exit, is
+        stopped as well (selfheal_ext/deferred.py)."""
         with self._lock:
             self._stop_worker()
+
+    def __enter__(self) -> "SelfHealer":
+        return self
+
+    def __exit__(self, *exc_info) -> bool:
+        self.close()
+        return False
 
     # ------------------------------------------------- versions and state
 
@@ -1709,6 +1720,9 @@ class SelfHealer:
         audited version held in the snapshot store. Returns the version now
         served. In approval mode the restored version counts as approved
         (the rollback is the operator's decision)."""
+        if isinstance(version, bool) or not isinstance(version, (str, numbers.Integral)):
+            raise TypeError(f"selfheal: argument 'version' must be a version number (int) or a state hash "
+                            f"(str), got {version!r} ({type(version).__name__})")
         with self._lock:
             if isinstance(version, str):
                 version = self._version_of_digest(version)
@@ -1733,16 +1747,17 @@ class SelfHealer:
             raise KeyError(f"selfheal: no adapter version with state hash {digest[:16]}… in memory and no "
                            "snapshot store to load it from")
         tensors, _ = self.snapshots.load(digest)
-        expected = set(self.adapters.state_dict())
-        if set(tensors) != expected:
-            raise SnapshotError(f"selfheal: snapshot {digest[:16]}… holds other adapters than this model's "
-                                f"(missing {sorted(expected - set(tensors))}, unexpected {sorted(set(tensors) - expected)})")
+        try:  # names, shapes, dtypes, finite: before the state is registered as a version
+            self.adapters.check_state(tensors, f"snapshot {digest[:16]}…")
+        except ValueError as error:
+            raise SnapshotError(str(error)) from None
         device = self._device()
         return self._snapshot(state={k: v.to(device) for k, v in tensors.items()}, event=False)
 
     def _restore(self, version: int, reason: str, keep_active: bool = False) -> None:
         if version not in self.versions:
             raise KeyError(f"selfheal: no adapter version {version}; known: {sorted(self.versions)}")
+        self.adapters.check_state(self.versions[version], f"version {version}")  # before anything changes
         self._stop_worker()
         self.adapters.load_state_dict(self.versions[version])
         self.version = version
@@ -1828,6 +1843,51 @@ class SelfHealer:
 
     @_outside_inference_mode
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Loads a ``state_dict()``; all or nothing. Every tensor (adapters,
+        versions, approval stage, Fisher, optimizer, class mixes, monitor) is
+        checked for name, shape, dtype and finiteness before anything is
+        written; a failure while writing restores the healer as it was."""
+        with self._lock:
+            self._check_state(state)
+            backup = self.state_dict() if self.monitor.calibrated else None
+            try:
+                self._load_state(state)
+            except BaseException:
+                if backup is not None:
+                    self._load_state(backup)
+                raise
+
+    def _check_state(self, state: Dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise TypeError(f"selfheal: argument 'state' must be a SelfHealer state_dict(), got {type(state).__name__}")
+        self.adapters.check_state(state["adapters"], "state's adapters")
+        for number, tensors in state["versions"].items():
+            self.adapters.check_state(tensors, f"state's version {number}")
+        stage = (state.get("governance") or {}).get("stage")
+        if stage is not None:
+            self.adapters.check_state(stage["adapters"], "state's approval stage")
+        parameters = dict(self.adapters.named_parameters())
+        averages = state.get("guard_averages") or {}
+        optimizer = (state.get("optimizer") or {}).get("state", {})
+        named = [(f"fisher {name!r}", t, parameters[name].shape if name in parameters else None)
+                 for name, t in state["fisher"].items()]
+        named += [(key, state.get(key), None) for key in ("mean_probs", "reference_probs", "long_probs")]
+        named += [(f"guard average {key!r}", averages.get(key), None) for key in ("adapted", "source")]
+        named += [(f"optimizer state {key!r}", t, None) for key, value in optimizer.items()
+                  for t in (value.values() if isinstance(value, dict) else [])]
+        for what, tensor, shape in named:
+            if tensor is None or not isinstance(tensor, torch.Tensor):
+                continue
+            if what.startswith("fisher") and tensor.shape != shape:
+                raise ValueError(f"selfheal: the state's {what} must have the shape of this model's adapter "
+                                 f"parameter {tuple(shape) if shape is not None else '(none by that name)'}, "
+                                 f"got {tuple(tensor.shape)}")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"selfheal: the state's {what} holds NaN or Inf")
+        self.monitor.check_state(state["monitor"])
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
+        """load_state_dict's writing part (after _check_state)."""
         with self._lock:
             self._stop_worker()
             expected = set(self.adapters.state_dict())

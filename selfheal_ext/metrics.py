@@ -37,6 +37,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._server = None
         self._thread = None
+        self._closed = False
         gauge = lambda name, text: Gauge(f"{prefix}_{name}", text, registry=self.registry)  # noqa: E731
         counter = lambda name, text, labels=(): Counter(f"{prefix}_{name}", text, labels,  # noqa: E731
                                                         registry=self.registry)
@@ -97,8 +98,18 @@ class Metrics:
 
     def serve(self, port: int = 9108, addr: str = "127.0.0.1") -> int:
         """Starts the HTTP exposition (``/metrics``) on ``addr:port`` (port 0:
-        any free port) in a daemon thread; returns the port."""
+        any free port) in a daemon thread; returns the port. Refused after
+        ``close()``: closed metrics no longer follow the healer, and serving
+        them would publish frozen values (make a new ``Metrics(healer)``)."""
         from prometheus_client import start_http_server
+        if self._closed:
+            raise RuntimeError("selfheal: these metrics were closed and no longer follow the healer; "
+                               "create a new Metrics(healer) to serve again")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"selfheal: argument 'port' must be an int in 0..65535 (0: any free port), "
+                             f"got {port!r}")
+        if not isinstance(addr, str) or not addr:
+            raise ValueError(f"selfheal: argument 'addr' must be a host address string, got {addr!r}")
         if self._server is not None:
             raise RuntimeError("selfheal: metrics are already served")
         started = start_http_server(port, addr=addr, registry=self.registry)
@@ -108,6 +119,8 @@ class Metrics:
         return port
 
     def close(self) -> None:
+        """Stops following the healer and stops serving; idempotent."""
+        self._closed = True
         self.healer.remove_listener(self)
         if self._server is not None:
             self._server.shutdown()

@@ -1074,7 +1074,23 @@ class DriftMonitor:
         }
 
     def load_state_dict(self, state: Dict) -> None:
-        """Restores a saved monitor on the same model and taps."""
+        """Restores a saved monitor on the same model and taps. All or
+        nothing: the state is checked whole before anything is written, and a
+        failure while writing restores the monitor as it was."""
+        checked = self.check_state(state)
+        saved = dict(self.__dict__)
+        try:
+            self._load_checked_state(state, checked)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(saved)
+            self._sync_hooks()
+            raise
+
+    def check_state(self, state: Dict):
+        """Every check of a saved state, before anything is written; returns
+        the parsed values ``_load_checked_state`` writes (batch_threshold,
+        cusum, skip_left, last_report, accuracy, window_state, window)."""
         if not isinstance(state, dict) or state.get("format_version") != _FORMAT_VERSION:
             raise ValueError("selfheal: not a DriftMonitor state (missing or unknown 'format_version')")
         if list(state["taps"]) != self.tap_names:
@@ -1102,6 +1118,30 @@ class DriftMonitor:
                 raise ValueError(f"selfheal: state has a corrupt {key!r}")
         if not (state["hi"] > state["lo"]).all():
             raise ValueError("selfheal: state has bin edges with hi <= lo")
+        slices = {n: tuple(int(v) for v in state["slices"][n]) for n in self.tap_names}
+        if sum(stop - start for start, stop in slices.values()) != features:
+            raise ValueError(f"selfheal: state's tap slices {slices} do not cover its {features} features")
+        if self.calibrated:  # the taps' widths are known: a state from another architecture is refused
+            for name in self.tap_names:
+                ours, theirs = self._slices[name], slices[name]
+                if ours[1] - ours[0] != theirs[1] - theirs[0]:
+                    raise ValueError(f"selfheal: state's tap {name!r} has {theirs[1] - theirs[0]} features, "
+                                     f"this monitor's has {ours[1] - ours[0]}")
+                ours, theirs = self._projections.get(name), state["projections"].get(name)
+                if (ours is None) != (theirs is None) or (ours is not None and ours.shape != theirs.shape):
+                    raise ValueError(f"selfheal: state's tap {name!r} projects "
+                                     f"{'no' if theirs is None else tuple(theirs.shape)} features, this "
+                                     f"monitor's {'none' if ours is None else tuple(ours.shape)}")
+        for key in ("signal_location", "signal_scale", "score_mean", "score_std"):
+            if not isinstance(state[key], torch.Tensor) or not torch.isfinite(state[key]).all():
+                raise ValueError(f"selfheal: state has a corrupt {key!r} (NaN or Inf)")
+        for key in ("temperature", "reference_entropy", "reference_confidence", "window_threshold",
+                    "score_scale", "cusum_threshold"):
+            if math.isnan(float(state[key])):
+                raise ValueError(f"selfheal: state has a corrupt {key!r} (NaN)")
+        for name, projection in state["projections"].items():
+            if projection is not None and not torch.isfinite(projection).all():
+                raise ValueError(f"selfheal: state has a corrupt projection for tap {name!r} (NaN or Inf)")
         # states saved before the accuracy estimators: the mean confidence only
         accuracy = AccuracyEstimator.from_state(state.get("accuracy_estimator", {
             "reference_confidence": state.get("reference_confidence")}))
@@ -1115,7 +1155,19 @@ class DriftMonitor:
             batch_threshold = float(batch_threshold)
             if not batch_threshold > 0:  # (NaN included)
                 raise ValueError(f"selfheal: state has a corrupt 'batch_threshold' ({batch_threshold})")
-        self.config["window"] = config["window"]
+        cusum = [float(v) for v in state["cusum"]]
+        if len(cusum) != 2 or not all(math.isfinite(v) and v >= 0 for v in cusum):
+            raise ValueError("selfheal: state has a corrupt 'cusum'")
+        skip_left = int(state.get("skip_left", 0))
+        if not 0 <= skip_left < self.config["read_every"]:
+            raise ValueError(f"selfheal: state has a corrupt 'skip_left' ({skip_left})")
+        return {"batch_threshold": batch_threshold, "cusum": cusum, "skip_left": skip_left,
+                "last_report": _report_from_state(state.get("last_report")), "accuracy": accuracy,
+                "window_state": window_state, "window": config["window"]}
+
+    def _load_checked_state(self, state: Dict, checked: Dict) -> None:
+        batch_threshold, cusum = checked["batch_threshold"], checked["cusum"]
+        self.config["window"] = checked["window"]
         self.device = next(iter(_devices_of(self.model)), torch.device("cpu"))
         self._projections = {n: (p.clone() if p is not None else None) for n, p in state["projections"].items()}
         self._sketch_plans = {}
@@ -1153,20 +1205,14 @@ class DriftMonitor:
         self._nonfinite_limit_cache = {}
         self._move_to_device()
         self._make_runtime_state()
-        self._window.load_state_dict(window_state)
-        self._accuracy = accuracy
-        cusum = [float(v) for v in state["cusum"]]
-        if len(cusum) != 2 or not all(math.isfinite(v) and v >= 0 for v in cusum):
-            raise ValueError("selfheal: state has a corrupt 'cusum'")
+        self._window.load_state_dict(checked["window_state"])
+        self._accuracy = checked["accuracy"]
         self.cusum = cusum
         self.batches_seen, self.alarms = int(state["batches_seen"]), int(state["alarms"])
         self.batches_served = int(state.get("batches_served", self.batches_seen))
-        skip_left = int(state.get("skip_left", 0))
-        if not 0 <= skip_left < self.config["read_every"]:
-            raise ValueError(f"selfheal: state has a corrupt 'skip_left' ({skip_left})")
-        self._skip_left = skip_left
+        self._skip_left = checked["skip_left"]
         self._sync_hooks()
-        self.last_report = _report_from_state(state.get("last_report"))
+        self.last_report = checked["last_report"]
         if self.last_report is not None:
             # the window's divergences the last reading used (for attribution())
             totals = self._window.totals()[0]

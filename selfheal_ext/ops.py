@@ -116,6 +116,7 @@ def histogram_update_(
     if not has_kernel("histogram_update_", x.device.type):
         reference.histogram_update_(counts, nonfinite, x, lo, hi)
         return
+    _check_not_inference(counts, nonfinite)
     torch.ops.selfheal.histogram_update_(counts, nonfinite, x, lo, hi)
 
 
@@ -150,6 +151,7 @@ def sketch_histogram_update_(
     if not has_kernel("sketch_histogram_update_", x.device.type):
         reference.sketch_histogram_update_(counts, nonfinite, x, bucket, weight, lo, hi)
         return
+    _check_not_inference(counts, nonfinite)
     torch.ops.selfheal.sketch_histogram_update_(counts, nonfinite, x, bucket, weight, lo, hi)
 
 
@@ -177,6 +179,19 @@ def js_divergence(
     if not has_kernel("js_divergence", p_counts.device.type):
         return reference.js_divergence(p_counts, q_counts, pseudo_count)
     return torch.ops.selfheal.js_divergence(p_counts, q_counts, pseudo_count)
+
+
+def _check_not_inference(counts: torch.Tensor, nonfinite: torch.Tensor) -> None:
+    """Plain PyTorch refuses an in-place update of an inference tensor outside
+    inference mode; a custom op's kernel is not stopped by the dispatcher, so
+    the wrappers refuse it (a traced graph has no inference tensors)."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return
+    for name, table in (("counts", counts), ("nonfinite", nonfinite)):
+        if table.is_inference():
+            raise RuntimeError(f"selfheal: argument '{name}' must be a normal tensor (an in-place update to an "
+                               f"inference tensor is only allowed inside torch.inference_mode()), got an "
+                               f"inference tensor outside InferenceMode")
 
 
 def _adapter_positions(x: torch.Tensor, channels_first: bool) -> int:

@@ -172,15 +172,33 @@ def _check_histogram_args(counts, nonfinite, x, lo, hi):
     if nonfinite.dtype != torch.int64 or tuple(nonfinite.shape) != (features,):
         raise ValueError(f"selfheal: argument 'nonfinite' must be an int64 tensor of shape [{features}], "
                          f"got {nonfinite.dtype} {tuple(nonfinite.shape)}")
+    for name, table in (("counts", counts), ("nonfinite", nonfinite)):
+        if table.is_inference() and not torch.is_inference_mode_enabled():
+            raise RuntimeError(f"selfheal: argument '{name}' must be a normal tensor (an in-place update "
+                               f"to an inference tensor is only allowed inside torch.inference_mode()), "
+                               f"got an inference tensor outside InferenceMode")
     for name, edge in (("lo", lo), ("hi", hi)):
         if edge.dtype != torch.float32 or tuple(edge.shape) != (features,):
             raise ValueError(f"selfheal: argument '{name}' must be a float32 tensor of shape [{features}], "
                              f"got {edge.dtype} {tuple(edge.shape)}")
 
 
-def _smoothed(counts: torch.Tensor, pseudo_count: float) -> torch.Tensor:
+def _smoothed_counts(counts: torch.Tensor, pseudo_count: float, name: str):
+    """``counts + pseudo_count`` in float64 and its row totals, which must be finite."""
+    bins = counts.shape[1] if counts.dim() == 2 else 0
+    if not pseudo_count * bins < float("inf"):
+        raise ValueError(f"selfheal: argument 'pseudo_count' must be small enough that "
+                         f"pseudo_count * bins is a finite float64, got {pseudo_count} with {bins} bins")
     smoothed = counts.double() + pseudo_count
     total = smoothed.sum(dim=1, keepdim=True)
+    if not bool(torch.isfinite(total).all()):
+        raise ValueError(f"selfheal: argument '{name}' must have rows whose counts plus "
+                         f"pseudo_count * bins sum to a finite float64, got a sum of inf")
+    return smoothed, total
+
+
+def _smoothed(counts: torch.Tensor, pseudo_count: float, name: str) -> torch.Tensor:
+    smoothed, total = _smoothed_counts(counts, pseudo_count, name)
     return smoothed / torch.where(total > 0, total, torch.ones_like(total))
 
 
@@ -188,16 +206,20 @@ def kl_divergence(p_counts: torch.Tensor, q_counts: torch.Tensor, pseudo_count: 
     """Per-row ``KL(P || Q)`` in nats between count tables ``[F, bins]``.
 
     Each row becomes a distribution after adding ``pseudo_count`` (> 0) to every
-    bin, so the result is always finite. Float32 result ``[F]``.
+    bin, so the result is always finite: ``log(p / q)`` is taken as
+    ``log(p_count + c) - log(q_count + c) + log(q_total / p_total)``, finite even
+    where a probability underflows to 0. Rows whose smoothed total overflows
+    float64 are refused. Float32 result ``[F]``.
     """
     if not pseudo_count > 0:
         raise ValueError(f"selfheal: argument 'pseudo_count' must be finite and > 0 "
                          f"(KL is infinite without smoothing), got {pseudo_count}")
-    p = _smoothed(p_counts, pseudo_count)
-    q = _smoothed(q_counts, pseudo_count)
-    kl = torch.where(p > 0, p * (torch.log(p) - torch.log(q)), torch.zeros_like(p))
-    empty = (p.sum(dim=1) == 0) | (q.sum(dim=1) == 0)
-    return torch.where(empty, 0.0, kl.sum(dim=1)).float()
+    p_smoothed, p_total = _smoothed_counts(p_counts, pseudo_count, "p_counts")
+    q_smoothed, q_total = _smoothed_counts(q_counts, pseudo_count, "q_counts")
+    p = p_smoothed / p_total
+    log_ratio = (torch.log(p_smoothed) - torch.log(q_smoothed)) + (torch.log(q_total) - torch.log(p_total))
+    kl = torch.where(p > 0, p * log_ratio, torch.zeros_like(p))
+    return kl.sum(dim=1).float()
 
 
 def js_divergence(p_counts: torch.Tensor, q_counts: torch.Tensor, pseudo_count: float = 0.5):
@@ -205,8 +227,8 @@ def js_divergence(p_counts: torch.Tensor, q_counts: torch.Tensor, pseudo_count: 
 
     A row with no mass at all (no counts and no pseudo-count) gives 0.
     """
-    p = _smoothed(p_counts, pseudo_count)
-    q = _smoothed(q_counts, pseudo_count)
+    p = _smoothed(p_counts, pseudo_count, "p_counts")
+    q = _smoothed(q_counts, pseudo_count, "q_counts")
     m = 0.5 * (p + q)
     log_m = torch.log(torch.where(m > 0, m, torch.ones_like(m)))
     kl_pm = torch.special.xlogy(p, p) - p * log_m

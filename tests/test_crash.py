@@ -92,3 +92,6 @@ def test_sigkill_during_adaptation_leaves_a_valid_log_and_snapshots(tmp_path, de
     # retention deletes old versions; the newest audited snapshot is always there
     newest = log.records(kinds=["snapshot"], newest_first=True, limit=1)[0].state_hash
     assert newest in store.digests() and newest in audited
+    # (the figures docs/reliability.md quotes; shown with pytest -s)
+    print(f"SIGKILL after {delay} s: {result.records} records verified, {max(seen)} seen committed, "
+          f"{len(store.digests())} snapshot files loaded and checked")

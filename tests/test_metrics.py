@@ -87,3 +87,17 @@ def test_a_failing_listener_is_removed_and_serving_goes_on():
     with pytest.warns(RuntimeWarning, match="observer bug"):
         out = healer(task.sample(8)[0])
     assert out.shape == (8, 5) and broken not in healer._listeners
+
+
+def test_closed_metrics_are_not_served_and_bad_ports_are_named():
+    healer = SelfHealer(copy.deepcopy(trained_model(Task())))
+    metrics = Metrics(healer)
+    for port in ("abc", -1, 70000, 1.5, True, None):
+        with pytest.raises(ValueError, match=r"argument 'port' must be an int in 0\.\.65535"):
+            metrics.serve(port=port)
+    metrics.close()
+    metrics.close()  # idempotent
+    # serving now would publish values frozen at close()
+    with pytest.raises(RuntimeError, match="closed"):
+        metrics.serve(port=0)
+    assert metrics not in healer._listeners

@@ -241,7 +241,7 @@ SELFHEAL_INLINE_INTO_CLONES void map8(float* x, float* y, int64_t count, const F
 SELFHEAL_INLINE_INTO_CLONES void activate_row(Activation act, float* h, int64_t count) {
   switch (act) {
     case Activation::kRelu:
-      map8(h, count, [](Float8 v) { return max8(v, Float8{}); });
+      map8(h, count, [](Float8 v) { return relu8(v); });
       return;
     case Activation::kGelu:
       map8(h, count, [](Float8 v) { return v * normal_cdf8(v, gaussian8(v)); });
@@ -266,8 +266,8 @@ SELFHEAL_INLINE_INTO_CLONES void activate_with_grad_row(Activation act, float* h
     case Activation::kRelu:
       map8(h, grad, count, [](Float8& v, Float8& g) {
         const Float8 zero = {};
-        g = v > zero ? g : zero;
-        v = max8(v, zero);
+        g = v <= zero ? zero : g;  // as at::threshold_backward: a NaN passes
+        v = relu8(v);
       });
       return;
     case Activation::kGelu:

@@ -36,18 +36,35 @@ double row_divergence(const count_t* p, const count_t* q, int64_t bins,
               "non-negative counts");
   p_total += pseudo_count * static_cast<double>(bins);
   q_total += pseudo_count * static_cast<double>(bins);
+  TORCH_CHECK(p_total < kInfinity && q_total < kInfinity,
+              "selfheal: arguments 'p_counts' and 'q_counts' must have rows whose "
+              "counts plus pseudo_count * bins sum to a finite float64, got sums ",
+              p_total, " and ", q_total);
   if (p_total <= 0.0 || q_total <= 0.0) return 0.0;  // nothing to compare
+  // Multiplying by the reciprocal is the fast path; a total below about
+  // 5.6e-309 (denormal counts or pseudo-count) has no finite reciprocal and is
+  // divided by instead.
   const double p_norm = 1.0 / p_total;
   const double q_norm = 1.0 / q_total;
+  const bool divide = !(p_norm < kInfinity && q_norm < kInfinity);
+  // log(q_total / p_total), for the bins whose probability ratio under- or
+  // overflows: log(pp / qq) = log(p + c) - log(q + c) + log(q_total / p_total).
+  const double log_total_ratio = std::log(q_total) - std::log(p_total);
   double total = 0.0;
   for (int64_t b = 0; b < bins; ++b) {
-    const double pp = (static_cast<double>(p[b]) + pseudo_count) * p_norm;
-    const double qq = (static_cast<double>(q[b]) + pseudo_count) * q_norm;
+    const double p_smoothed = static_cast<double>(p[b]) + pseudo_count;
+    const double q_smoothed = static_cast<double>(q[b]) + pseudo_count;
+    const double pp = divide ? p_smoothed / p_total : p_smoothed * p_norm;
+    const double qq = divide ? q_smoothed / q_total : q_smoothed * q_norm;
     if (kind == Divergence::kKL) {
-      // One log per bin; the ratio overflows only for extreme pseudo-counts,
-      // where two logs keep the result finite.
+      // One log per bin; two where the ratio is 0 or inf. A bin whose pp
+      // underflows to 0 adds 0 (0 * log 0 = 0).
       const double ratio = pp / qq;
-      total += pp * (ratio < kInfinity ? std::log(ratio) : std::log(pp) - std::log(qq));
+      if (pp > 0.0) {
+        total += pp * (ratio > 0.0 && ratio < kInfinity
+                           ? std::log(ratio)
+                           : std::log(p_smoothed) - std::log(q_smoothed) + log_total_ratio);
+      }
     } else {
       const double mm = 0.5 * (pp + qq);
       // pp / mm and qq / mm lie in (0, 2]: no overflow, no underflow to 0.

@@ -56,9 +56,12 @@ void accumulate_block(RowState& state, const float* z, int64_t count) {
   state.saw_nan |= saw_nan;
   if (block_max > state.max) {
     if (state.sum > 0.f) {
-      const float delta = state.max - block_max;  // < 0
+      // delta < 0; it is -inf when the maxima are more than FLT_MAX apart
+      // (e.g. -3e38 then 3e38), where the old terms weigh exactly 0 (and
+      // factor * delta * sum would be 0 * inf = NaN).
+      const float delta = state.max - block_max;
       const float factor = std::exp(delta);
-      state.weighted = factor * (state.weighted + delta * state.sum);
+      state.weighted = factor > 0.f ? factor * (state.weighted + delta * state.sum) : 0.f;
       state.sum *= factor;
     }
     state.max = block_max;

@@ -76,15 +76,25 @@ __global__ void __launch_bounds__(kBlockThreads)
     }
     const double p_total = group_sum<kGroupThreads>(p_sum);
     const double q_total = group_sum<kGroupThreads>(q_sum);
+    // A row whose smoothed total overflows float64 is refused, like the CPU
+    // kernel's TORCH_CHECK (pseudo_count * bins is checked on the host).
+    CUDA_KERNEL_ASSERT(::isfinite(p_total) && ::isfinite(q_total));
     // An empty row (no counts, no pseudo-count) has nothing to compare.
     const bool empty = p_total <= 0.0 || q_total <= 0.0;
+    // log(pp / qq) = log(p + c) - log(q + c) + log(q_total / p_total): finite
+    // even where pp or qq underflows to 0.
+    const double log_total_ratio = empty ? 0.0 : log(q_total) - log(p_total);
     double partial = 0.0;
     if (!empty) {
       for (int64_t b = lane; b < bins; b += kGroupThreads) {
-        const double pp = (static_cast<double>(p[b]) + pseudo_count) / p_total;
-        const double qq = (static_cast<double>(q[b]) + pseudo_count) / q_total;
+        const double p_smoothed = static_cast<double>(p[b]) + pseudo_count;
+        const double q_smoothed = static_cast<double>(q[b]) + pseudo_count;
+        const double pp = p_smoothed / p_total;
+        const double qq = q_smoothed / q_total;
         if (kind == Divergence::kKL) {
-          partial += pp * (log(pp) - log(qq));
+          if (pp > 0.0) {
+            partial += pp * (log(p_smoothed) - log(q_smoothed) + log_total_ratio);
+          }
         } else {
           const double mm = 0.5 * (pp + qq);
           if (pp > 0.0) partial += 0.5 * pp * (log(pp) - log(mm));

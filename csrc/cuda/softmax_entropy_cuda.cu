@@ -112,9 +112,11 @@ struct EntropyState {
 __device__ __forceinline__ void accumulate(EntropyState& state, float z) {
   if (z > state.max) {
     if (state.sum > 0.f) {
-      const float delta = state.max - z;  // < 0
+      // delta < 0, -inf when the maxima are more than FLT_MAX apart: the
+      // old terms then weigh exactly 0 (0 * inf would be NaN).
+      const float delta = state.max - z;
       const float factor = expf(delta);
-      state.weighted = factor * (state.weighted + delta * state.sum);
+      state.weighted = factor > 0.f ? factor * (state.weighted + delta * state.sum) : 0.f;
       state.sum *= factor;
     }
     state.max = z;
@@ -136,9 +138,11 @@ __device__ __forceinline__ EntropyState merge(const EntropyState& a,
   const float delta_b = b.max - max;
   const float factor_a = expf(delta_a);
   const float factor_b = expf(delta_b);
-  return {max, factor_a * a.sum + factor_b * b.sum,
-          factor_a * (a.weighted + delta_a * a.sum) +
-              factor_b * (b.weighted + delta_b * b.sum)};
+  // A factor of 0 (maxima more than FLT_MAX apart) drops that side's terms
+  // instead of multiplying 0 by inf.
+  const float weighted_a = factor_a > 0.f ? factor_a * (a.weighted + delta_a * a.sum) : 0.f;
+  const float weighted_b = factor_b > 0.f ? factor_b * (b.weighted + delta_b * b.sum) : 0.f;
+  return {max, factor_a * a.sum + factor_b * b.sum, weighted_a + weighted_b};
 }
 
 __device__ __forceinline__ EntropyState shuffle_down(const EntropyState& state,

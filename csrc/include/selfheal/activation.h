@@ -19,7 +19,7 @@ namespace selfheal {
 SELFHEAL_HOST_DEVICE float activate(Activation act, float h) {
   switch (act) {
     case Activation::kRelu:
-      return h > 0.f ? h : 0.f;
+      return h < 0.f ? 0.f : h;  // NaN stays NaN, as at::relu
     case Activation::kGelu:
       return 0.5f * h * (1.f + erff(h * 0.70710678118654752f));
     case Activation::kSilu:
@@ -33,7 +33,7 @@ SELFHEAL_HOST_DEVICE float activate(Activation act, float h) {
 SELFHEAL_HOST_DEVICE float activate_grad(Activation act, float h) {
   switch (act) {
     case Activation::kRelu:
-      return h > 0.f ? 1.f : 0.f;
+      return h <= 0.f ? 0.f : 1.f;  // as at::threshold_backward
     case Activation::kGelu: {
       const float cdf = 0.5f * (1.f + erff(h * 0.70710678118654752f));
       const float pdf = 0.39894228040143268f * expf(-0.5f * h * h);
@@ -52,7 +52,7 @@ SELFHEAL_HOST_DEVICE float activate_grad(Activation act, float h) {
 SELFHEAL_HOST_DEVICE double activate(Activation act, double h) {
   switch (act) {
     case Activation::kRelu:
-      return h > 0.0 ? h : 0.0;
+      return h < 0.0 ? 0.0 : h;
     case Activation::kGelu:
       return 0.5 * h * (1.0 + erf(h * 0.70710678118654752));
     case Activation::kSilu:
@@ -66,7 +66,7 @@ SELFHEAL_HOST_DEVICE double activate(Activation act, double h) {
 SELFHEAL_HOST_DEVICE double activate_grad(Activation act, double h) {
   switch (act) {
     case Activation::kRelu:
-      return h > 0.0 ? 1.0 : 0.0;
+      return h <= 0.0 ? 0.0 : 1.0;
     case Activation::kGelu: {
       const double cdf = 0.5 * (1.0 + erf(h * 0.70710678118654752));
       const double pdf = 0.39894228040143268 * exp(-0.5 * h * h);

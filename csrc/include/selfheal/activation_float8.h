@@ -31,13 +31,22 @@ inline Float8 normal_cdf8(Float8 h, Float8 gaussian) {
   return 0.5f * (1.f + (h < zero ? -erf_magnitude : erf_magnitude));
 }
 
-// 1 / (1 + exp(-h)), from exp(-|h|) so that no exponent is positive.
+// 1 / (1 + exp(-h)), from exp(-|h|) so that no exponent is positive. Below
+// h = -87 (where exp is clamped) it is exactly 0, as 1 / (1 + expf(-h)) is
+// once expf overflows: SiLU h * sigmoid(h) is then -0, and NaN at -inf, the
+// values of at::silu.
 inline Float8 sigmoid8(Float8 h) {
   const Float8 zero = {};
   const Float8 floor = Float8{} - 87.f;
   const Float8 e = exp_nonpositive(max8(h < zero ? h : -h, floor));
   const Float8 inverse = 1.f / (1.f + e);
-  return h < zero ? e * inverse : inverse;
+  return h < floor ? zero : (h < zero ? e * inverse : inverse);
+}
+
+// max(h, 0) that keeps a NaN (at::relu's semantics: NaN in, NaN out).
+inline Float8 relu8(Float8 h) {
+  const Float8 zero = {};
+  return h < zero ? zero : h;
 }
 
 }  // namespace selfheal
