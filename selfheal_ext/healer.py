@@ -50,7 +50,7 @@ from .heal.config import FROM_CONFIG, HealerConfig
 from .heal.guards import CollapseGuard
 from .heal.label_shift import LabelShiftTracker
 from .heal.objective import distance_from, fisher_anchor, fit_fisher, project_within, reliable_entropy
-from .heal.tensors import batch_inputs, effective_classes, finite_rows, model_device
+from .heal.tensors import batch_inputs, effective_classes, finite_rows, model_device, summed_over
 from .rules import RuleContext, RuleError, check_rules, total_penalty, validate_rules
 from .taps import default_taps
 
@@ -280,7 +280,10 @@ class SelfHealer:
         self._shadow = None
         self.label_shift = LabelShiftTracker(config.label_shift)
         self.guard = CollapseGuard(config)
-        self.batch_check = BatchCheck(self.model, self.adapters, self.monitor, self._logits, self._merged, config)
+        # (the parts get functions that do not hold the healer: no reference cycle)
+        self.batch_check = BatchCheck(self.model, self.adapters, self.monitor,
+                                      functools.partial(as_logits, logits_fn=logits_fn), summed_over(process_group),
+                                      config)
         self._listeners: List[Callable] = []
         # seconds of the last served batch: model forward (with taps and
         # adapters), monitor decision, adaptation and guards
@@ -1000,11 +1003,7 @@ class SelfHealer:
 
     def _merged(self, values: torch.Tensor) -> torch.Tensor:
         """Sums ``values`` over the process group's ranks (as is without one)."""
-        if self.process_group is not None:
-            import torch.distributed as dist
-            values = values.clone()
-            dist.all_reduce(values, group=self.process_group)
-        return values
+        return summed_over(self.process_group)(values)
 
     def _merge_running(self) -> None:
         """Under a process group, sets every statistics adapter's running

@@ -87,3 +87,25 @@ def test_the_context_manager_closes_and_close_is_idempotent(source_model):
         with adapting_healer(source_model, task) as failing:
             raise RuntimeError("inside")
     assert failing._worker is None and len(deferred_workers()) == before
+
+
+def test_a_dropped_healer_is_freed_by_reference_counting_alone(source_model):
+    # No reference cycle keeps a healer (or its parts) alive: with the cyclic
+    # collector off, dropping the last reference frees it at once, so the
+    # deferred worker's finalizer fires without waiting for a gc pass.
+    import weakref
+    task = Task()
+    for mode in ("inline", "deferred"):
+        healer = SelfHealer(copy.deepcopy(source_model), mode=mode, lr=1e-2, monitor_options=MONITOR)
+        healer.calibrate([task.sample(64)[0] for _ in range(12)])
+        for _ in range(8):
+            healer(task.sample(64, corrupt=True)[0])
+        healer.close()
+        gc.collect()
+        gc.disable()
+        try:
+            alive = weakref.ref(healer)
+            del healer
+            assert alive() is None, mode
+        finally:
+            gc.enable()
