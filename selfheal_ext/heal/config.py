@@ -2,7 +2,7 @@
 
 Each field carries its meaning and its source in ``metadata``: a paper's
 equation, a figure measured on the healing benchmark, or "heuristic".
-``HealerConfig.describe()`` lists them (docs/architecture.md prints that
+``HealerConfig.describe()`` lists them (docs/healer.md prints that
 table). ``SelfHealer(model, config=HealerConfig(...))`` takes one; its keyword
 arguments of the same names override single fields.
 
