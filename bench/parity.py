@@ -34,8 +34,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import selfheal_ext as sh  # noqa: E402
-from bench_heal import (DIGIT_SHIFTS, TABULAR_SHIFTS, digits_model, digits_task, make_stream,  # noqa: E402
-                        tabular_model, tabular_task, train)
+from bench_estimates import source_model  # noqa: E402  (the benchmark's trained source, task by task)
+from bench_heal import make_stream  # noqa: E402
 from heal_seeds import parse_seeds  # noqa: E402
 
 # The benchmark's full settings, except the batch-1 protocol's length (600 in
@@ -87,20 +87,10 @@ def _serve(healer, stream):
     return {"accuracy": correct / total, "logits": _digest(served)}
 
 
-def _task(name, seed):
-    if name == "digits":
-        task = digits_task(seed)
-        model = train(digits_model(task["classes"]), task, epochs=EPOCHS, augment=True, seed=seed)
-        return task, model, DIGIT_SHIFTS, 128
-    task = tabular_task(seed)
-    model = train(tabular_model(task["classes"]), task, epochs=max(1, EPOCHS // 3), augment=False, seed=seed)
-    return task, model, TABULAR_SHIFTS, 512
-
-
 def run_task(name, seed):
     """Every protocol of bench_heal.py, served by one SelfHealer (and one for batches of one)."""
     torch.manual_seed(seed)
-    task, model, shifts, window = _task(name, seed)
+    task, model, shifts, window = source_model(name, seed, EPOCHS)
     calibration = list(task["calib"][0].split(BATCH))
 
     def healer(batch_size):

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import augment
-from .tta import _batch_stat_model, _bn_affine
+from .tta import affine_trainable_copy
 
 
 def _min_max(values):
@@ -67,12 +67,7 @@ class ROID:
         self.reset()
 
     def reset(self):
-        self.model = _batch_stat_model(self.source)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.parameters = _bn_affine(self.model)
-        for p in self.parameters:
-            p.requires_grad_(True)
+        self.model, self.parameters = affine_trainable_copy(self.source)
         self.source_parameters = [p.detach().clone() for p in self.parameters]
         self.optimizer = torch.optim.Adam(self.parameters, lr=self.lr, betas=(0.9, 0.999))
         self.mean_prediction = None

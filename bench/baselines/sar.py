@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from .tta import _batch_stat_model, _bn_affine
+from .tta import affine_trainable_copy
 
 
 def _entropy(logits):
@@ -65,12 +65,7 @@ class SAR:
         self.recoveries = 0
 
     def _restore(self):
-        self.model = _batch_stat_model(self.source)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.parameters = _bn_affine(self.model)
-        for p in self.parameters:
-            p.requires_grad_(True)
+        self.model, self.parameters = affine_trainable_copy(self.source)
         self.optimizer = torch.optim.SGD(self.parameters, lr=self.lr_per_64, momentum=self.sgd_momentum)
         self.loss_ema = None
 

@@ -59,6 +59,18 @@ class Source:
         pass
 
 
+def affine_trainable_copy(model):
+    """A copy of ``model`` normalising with batch statistics whose only
+    trainable parameters are its BatchNorm affines: ``(copy, affines)``."""
+    copy = _batch_stat_model(model)
+    for p in copy.parameters():
+        p.requires_grad_(False)
+    affines = _bn_affine(copy)
+    for p in affines:
+        p.requires_grad_(True)
+    return copy, affines
+
+
 class BNAdapt(Source):
     name = "BN re-estimation"
 
@@ -75,12 +87,7 @@ class Tent:
         self.reset()
 
     def reset(self):
-        self.model = _batch_stat_model(self.source)
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.parameters = _bn_affine(self.model)
-        for p in self.parameters:
-            p.requires_grad_(True)
+        self.model, self.parameters = affine_trainable_copy(self.source)
         self.optimizer = torch.optim.Adam(self.parameters, lr=self.lr, betas=(0.9, 0.999))
 
     def loss(self, logits):
